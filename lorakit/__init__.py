@@ -1,0 +1,21 @@
+"""lorakit: LoRA and its SVD-based successors for any PyTorch model.
+
+    import lorakit as lk
+    lk.adapt(model, lk.LoRA(rank=8, alpha=16), targets=["q_proj", "v_proj"])
+"""
+
+from lorakit.adapt import adapt, enable_lora
+from lorakit.checkpoint import load, save
+from lorakit.errors import (AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, LorakitError,
+                            MergeError, ShapeMismatchError, TargetNotFoundError, UnsupportedLayerError)
+from lorakit.layers import AdaptedLayer
+from lorakit.methods import LoRA
+from lorakit.model import (activate, active_adapters, adapter_names, delete, disabled, lora_plus_groups, merge, route,
+                           summary, trainable_parameters, unload, unmerge)
+
+__all__ = [
+    "AdaptedLayer", "AdapterExistsError", "AdapterFileError", "AdapterNotFoundError", "ConfigError", "LoRA",
+    "LorakitError", "MergeError", "ShapeMismatchError", "TargetNotFoundError", "UnsupportedLayerError", "activate",
+    "active_adapters", "adapt", "adapter_names", "delete", "disabled", "enable_lora", "load", "lora_plus_groups",
+    "merge", "route", "save", "summary", "trainable_parameters", "unload", "unmerge",
+]

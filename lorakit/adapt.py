@@ -1,0 +1,146 @@
+"""Put adapters on a model: match targets, wrap layers, freeze the rest.
+
+Targets follow PEFT's conventions so configs carry over:
+  * a list of names: a module matches when its path equals a name or ends with ``"." + name``;
+  * a string: a regular expression that must match the whole module path;
+  * ``"all-linear"``: every Linear / GPT-2 Conv1D layer except the output head.
+``layers=[...]`` keeps modules whose first numeric path component (``model.layers.3.…``) is listed.
+``ranks`` / ``alphas`` map a regex (searched in the module path, first match wins) to a value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Iterator, Mapping, Sequence
+
+from torch import nn
+
+from lorakit.errors import AdapterExistsError, ConfigError, TargetNotFoundError, UnsupportedLayerError
+from lorakit.layers import GPT2_CONV1D, LINEAR, AdaptedLayer, layer_kind, spec_of
+
+Targets = str | Sequence[str]
+
+
+def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) for every submodule, not descending into adapted layers."""
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        yield path, child
+        if not isinstance(child, AdaptedLayer):
+            yield from walk(child, path)
+
+
+def kind_of(module: nn.Module):
+    """The LayerKind of a plain or already adapted module (None if it cannot be adapted)."""
+    return module.kind if isinstance(module, AdaptedLayer) else layer_kind(module)
+
+
+def matches(path: str, targets: Targets) -> bool:
+    """PEFT's target rule: a string is a full-match regex, a list holds names or dotted suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def layer_index(path: str) -> int | None:
+    """The first numeric component of a module path (the block index), if any."""
+    return next((int(part) for part in path.split(".") if part.isdigit()), None)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if head is not None else getattr(model, "lm_head", None)
+
+
+def select(model: nn.Module, targets: Targets, layers: Iterable[int] | None = None) -> list[tuple[str, nn.Module]]:
+    """The modules ``targets`` names, checked to be adaptable. Raises if none match."""
+    candidates = list(walk(model))
+    if targets == "all-linear":
+        head = _output_head(model)
+        chosen = [(p, m) for p, m in candidates
+                  if kind_of(m) in (LINEAR, GPT2_CONV1D) and m is not head]
+    else:
+        if not isinstance(targets, str) and (not targets or any(not isinstance(t, str) for t in targets)):
+            raise ConfigError(f"targets must be a regex string, a non-empty list of names or 'all-linear', got {targets!r}")
+        chosen = [(p, m) for p, m in candidates if matches(p, targets)]
+    if layers is not None:
+        wanted = set(layers)
+        chosen = [(p, m) for p, m in chosen if layer_index(p) in wanted]
+    if not chosen:
+        raise TargetNotFoundError(targets, [p for p, _ in candidates])
+    for path, module in chosen:
+        if kind_of(module) is None:
+            raise UnsupportedLayerError(
+                f"{path} is a {type(module).__name__}; lorakit adapts nn.Linear, GPT-2 Conv1D, nn.Conv1d/2d/3d "
+                f"and nn.Embedding (a name in targets may be matching a container module)")
+    return chosen
+
+
+def _override(patterns: Mapping[str, float] | None, path: str):
+    for pattern, value in (patterns or {}).items():
+        if re.search(pattern, path):
+            return value
+    return None
+
+
+def recipe_for(method, path: str, ranks=None, alphas=None):
+    """The method with this module's rank/alpha overrides applied."""
+    changes = {key: value for key, value in (("rank", _override(ranks, path)), ("alpha", _override(alphas, path)))
+               if value is not None}
+    fields = {f.name for f in dataclasses.fields(method)}
+    if set(changes) - fields:
+        raise ConfigError(f"{type(method).__name__} has no {sorted(set(changes) - fields)} to override per layer")
+    return dataclasses.replace(method, **changes) if changes else method
+
+
+def adapt(model: nn.Module, method, targets: Targets = "all-linear", *, name: str = "default",
+          layers: Iterable[int] | None = None, ranks: Mapping[str, int] | None = None,
+          alphas: Mapping[str, float] | None = None, train: Sequence[str] | None = None) -> nn.Module:
+    """Freeze ``model`` and add a trainable adapter called ``name`` to every targeted layer.
+
+    The new adapter becomes the only active one. ``train`` names other modules (norms, heads)
+    whose own parameters are trained and saved with the adapter. Returns ``model``.
+    """
+    from lorakit.model import adapter_names
+
+    if name in adapter_names(model):
+        raise AdapterExistsError(f"the model already has an adapter named {name!r}; pick another name or lk.delete it")
+    train_paths = [p for p, _ in select(model, train)] if train else []
+    built = {}
+    for path, module in select(model, targets, layers):
+        recipe = recipe_for(method, path, ranks, alphas)
+        built[path] = (recipe, recipe.build(spec_of(module)))
+    attach(model, name, built, train_paths)
+    return model
+
+
+def attach(model: nn.Module, name: str, built: Mapping[str, tuple], train_paths: Sequence[str] = ()) -> None:
+    """Wrap the modules in ``built`` ({path: (recipe, adapter)}) and make ``name`` the active adapter."""
+    from lorakit.model import activate
+
+    model.requires_grad_(False)  # the base is frozen; activate() re-enables what trains
+    for path, (recipe, adapter) in built.items():
+        module = model.get_submodule(path)
+        if not isinstance(module, AdaptedLayer):
+            module = AdaptedLayer(module, layer_kind(module), path)
+            parent, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, module)
+        module.add(name, adapter, recipe)
+    trained = dict(getattr(model, "_lorakit_train", {}))
+    trained[name] = list(train_paths)
+    model._lorakit_train = trained
+    activate(model, name)
+
+
+def enable_lora(model: nn.Module, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
+                name: str = "default") -> nn.Module:
+    """Keras-style one-liner: LoRA on every linear projection inside attention blocks."""
+    from lorakit.methods.lora import LoRA
+
+    attention = [p for p, m in walk(model) if kind_of(m) in (LINEAR, GPT2_CONV1D)
+                 and any("attn" in part.lower() or "attention" in part.lower() for part in p.split(".")[:-1])]
+    if not attention:
+        raise TargetNotFoundError(["*attn*.*", "*attention*.*"], [p for p, _ in walk(model)])
+    return adapt(model, LoRA(rank=rank, alpha=alpha or rank, dropout=dropout), attention, name=name)

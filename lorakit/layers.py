@@ -1,0 +1,271 @@
+"""AdaptedLayer: a frozen base layer plus any number of named adapters.
+
+The adapted layer *owns* the base ``weight`` and ``bias`` under their original names, so
+``model.state_dict()`` keys of the base never change (base checkpoints still load) and
+``lk.disabled`` is exactly the base. The original module object is kept, without its
+parameters and outside the module tree, for its forward geometry and to hand back on unload.
+
+    forward(x) = base(x) + Σ_{active, unmerged} adapter(x)      or, under lk.route, one adapter per row
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.errors import AdapterExistsError, ConfigError, MergeError
+from lorakit.methods.base import LayerSpec, adapter_dtype
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How one base layer type is adapted: its canonical layout, forward and geometry."""
+
+    kind: str  # canonical layout the methods see: "linear" | "conv" | "embedding"
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    sizes: Callable[[nn.Module], tuple[int, int]]  # (d_in, d_out)
+    # Plain attributes model code reads off these layers (e.g. embed_tokens.padding_idx).
+    attributes: tuple[str, ...] = ()
+    transposed: bool = False  # weight stored (d_in, d_out), as GPT-2's Conv1D
+
+
+def _conv1d_gpt2_forward(base, x, weight, bias):
+    out = x.reshape(-1, x.shape[-1])
+    out = torch.addmm(bias, out, weight) if bias is not None else out @ weight
+    return out.view(*x.shape[:-1], weight.shape[1])
+
+
+def _embedding_forward(base, x, weight, bias):
+    return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
+                       base.scale_grad_by_freq, base.sparse)
+
+
+LINEAR = LayerKind("linear", lambda base, x, w, b: F.linear(x, w, b),
+                   lambda m: (m.in_features, m.out_features), ("in_features", "out_features"))
+GPT2_CONV1D = LayerKind("linear", _conv1d_gpt2_forward, lambda m: (m.nx, m.nf), ("nf", "nx"),
+                        transposed=True)
+CONV = LayerKind("conv", lambda base, x, w, b: base._conv_forward(x, w, b),
+                 lambda m: (m.in_channels, m.out_channels),
+                 ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                  "padding_mode"))
+EMBEDDING = LayerKind("embedding", _embedding_forward, lambda m: (m.num_embeddings, m.embedding_dim),
+                      ("num_embeddings", "embedding_dim", "padding_idx", "max_norm"))
+
+# Type → kind (minLoRA's table). Subclasses match through isinstance, in this order.
+LAYER_KINDS: list[tuple[type, LayerKind]] = [
+    (nn.Linear, LINEAR), (nn.Embedding, EMBEDDING), (nn.Conv1d, CONV), (nn.Conv2d, CONV), (nn.Conv3d, CONV),
+]
+# nn.MultiheadAttention reads out_proj.weight directly and never calls out_proj's forward, so an
+# adapter there would be silently ignored.
+_REFUSED = ("NonDynamicallyQuantizableLinear",)
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The LayerKind for a module, or None if no method can adapt it."""
+    if type(module).__name__ in _REFUSED:
+        return None
+    for cls, kind in LAYER_KINDS:
+        if isinstance(module, cls):
+            return kind
+    # transformers' GPT-2 Conv1D, recognised by shape of its API so core never imports transformers.
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return GPT2_CONV1D
+    return None
+
+
+def _conv_ungrouped(base: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Convolution with the base layer's geometry (padding mode, stride, dilation) but groups=1."""
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(base.kernel_size)]
+
+    def run(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if base.padding_mode != "zeros":
+            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            return conv(x, weight, None, base.stride, 0, base.dilation)
+        return conv(x, weight, None, base.stride, base.padding, base.dilation)
+
+    return run
+
+
+def _canonical(kind: LayerKind, weight: torch.Tensor) -> torch.Tensor:
+    w = weight.detach().float()
+    return w.t() if kind.transposed else w
+
+
+def _make_spec(base: nn.Module, kind: LayerKind, weight: torch.Tensor, base_weight) -> LayerSpec:
+    d_in, d_out = kind.sizes(base)
+    extra = {}
+    if kind.kind == "conv":
+        extra = dict(kernel_size=tuple(base.kernel_size), stride=tuple(base.stride), padding=base.padding,
+                     dilation=tuple(base.dilation), groups=base.groups, conv=_conv_ungrouped(base))
+    elif kind.kind == "embedding":
+        extra = dict(padding_idx=base.padding_idx)
+    return LayerSpec(kind=kind.kind, d_in=d_in, d_out=d_out, device=weight.device,
+                     dtype=adapter_dtype(weight.dtype), weight=base_weight, **extra)
+
+
+def spec_of(module: nn.Module) -> LayerSpec:
+    """The LayerSpec of a plain (adaptable) or already adapted module."""
+    if isinstance(module, AdaptedLayer):
+        return module.spec()
+    kind, weight = layer_kind(module), module.weight
+    return _make_spec(module, kind, weight, lambda: _canonical(kind, weight))
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen base layer with named adapters; see the module docstring."""
+
+    def __init__(self, base: nn.Module, kind: LayerKind, path: str):
+        super().__init__()
+        self.kind, self.path = kind, path
+        self.weight = base.weight
+        self.register_parameter("bias", getattr(base, "bias", None))
+        for attr in kind.attributes:
+            setattr(self, attr, getattr(base, attr))
+        # The base keeps its geometry but gives up its tensors: the only references live here,
+        # so nothing can go stale when the model is moved, cast or loaded with assign=True.
+        self._base_had_bias = "bias" in base._parameters
+        del base.weight
+        if self._base_had_bias:
+            del base.bias
+        object.__setattr__(self, "base", base)  # not a submodule: its keys must not appear
+        self.adapters = nn.ModuleDict()
+        self.recipes: dict[str, object] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self.route: list[str | None] | None = None
+        self._route_cache: tuple | None = None
+        self.register_buffer("original_weight", None, persistent=False)  # kept while merged
+
+    # --- building -----------------------------------------------------------------------------
+    def spec(self) -> LayerSpec:
+        """What a method needs to build an adapter on this layer."""
+        return _make_spec(self.base, self.kind, self.weight, self.base_weight)
+
+    def base_weight(self) -> torch.Tensor:
+        """The unmerged base weight in canonical layout, float32 (detached)."""
+        return _canonical(self.kind, self.original_weight if self.merged else self.weight)
+
+    def add(self, name: str, adapter: nn.Module, recipe) -> None:
+        """Attach an adapter built by ``recipe`` (kept: saving and summaries read it)."""
+        if name in self.adapters:
+            raise AdapterExistsError(f"{self.path} already has an adapter named {name!r}")
+        self.adapters[name] = adapter
+        self.recipes[name] = recipe
+
+    def delete(self, name: str) -> None:
+        if name in self.merged:
+            keep = [n for n in self.merged if n != name]
+            self.unmerge()
+            self.merge(keep)
+        del self.adapters[name]
+        del self.recipes[name]
+        self.active = [n for n in self.active if n != name]
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            weight = self.original_weight if self.merged else self.weight
+            return self.kind.forward(self.base, x, weight, self.bias)
+        out = self.kind.forward(self.base, x, self.weight, self.bias)
+        if self.route is not None:
+            return self._routed(x, out)
+        for name in self.active:
+            if name not in self.merged:
+                out = self.adapters[name](x, out)
+        return out
+
+    def _routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Row i of the batch gets adapter route[i] (None or absent here = the base)."""
+        if x.shape[0] != len(self.route):
+            raise ConfigError(f"{self.path}: lk.route was given {len(self.route)} names for a batch of {x.shape[0]}")
+        names = sorted({n for n in self.route if n is not None and n in self.adapters})
+        if not names:
+            return out
+        slot = {n: i + 1 for i, n in enumerate(names)}  # slot 0 is the base
+        index = torch.tensor([slot.get(n, 0) for n in self.route], device=x.device)
+        factors = [self.adapters[n].factors() if hasattr(self.adapters[n], "factors") else None for n in names]
+        if any(f is None for f in factors):
+            return self._routed_loop(x, out, names, index)
+        if self._route_cache is None or torch.is_grad_enabled():
+            cache = _stack_factors(factors, [self.adapters[n] for n in names])
+            # Inference reuses the stacks for the whole `with lk.route(...)` block; training restacks
+            # every call so gradients reach the live parameters.
+            self._route_cache = None if torch.is_grad_enabled() else cache
+        A, B, p = cache if self._route_cache is None else self._route_cache
+        A_rows, B_rows = A[index], B[index]  # (b, R, d_in), (b, d_out, R)
+        b = x.shape[0]
+        if self.kind.kind == "embedding":
+            h = A.transpose(1, 2)[index.view(b, *(1,) * (x.dim() - 1)), x]  # (b, *, R): per-row lookup
+            h = h.reshape(b, -1, h.shape[-1])
+        else:
+            h = x.reshape(b, -1, x.shape[-1]).to(A.dtype)  # (b, T, d_in)
+            if self.training and bool(p.any()):
+                keep = (1 - p[index]).view(b, 1, 1)
+                h = h * (torch.rand_like(h) < keep) / keep
+            h = torch.bmm(h, A_rows.transpose(1, 2))  # (b, T, R)
+        delta = torch.bmm(h, B_rows.transpose(1, 2))  # (b, T, d_out)
+        return out + delta.view(out.shape).to(out.dtype)
+
+    def _routed_loop(self, x, out, names, index):
+        """Routing for adapters without low-rank factors (conv, other methods): one call per adapter."""
+        for slot, name in enumerate(names, start=1):
+            rows = (index == slot).nonzero().squeeze(1)
+            out = out.index_copy(0, rows, self.adapters[name](x.index_select(0, rows), out.index_select(0, rows)))
+        return out
+
+    # --- merging ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        """Add the adapters' ΔW into the base weight, keeping the original for an exact unmerge."""
+        names = [n for n in (self.active if names is None else names) if n not in self.merged]
+        if not names:
+            return
+        delta = None
+        for name in names:
+            d = self.adapters[name].delta_weight()
+            if not torch.isfinite(d).all():
+                raise MergeError(f"{self.path}: adapter {name!r} has NaN/Inf in its update; nothing was merged")
+            delta = d if delta is None else delta + d
+        if self.kind.transposed:
+            delta = delta.t()
+        if self.original_weight is None:
+            self.original_weight = self.weight.detach().clone()
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        self.merged += names
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact original weight (bit for bit)."""
+        if self.merged:
+            self.weight.copy_(self.original_weight)
+            self.original_weight = None
+            self.merged = []
+
+    def unwrap(self) -> nn.Module:
+        """The original module, holding this layer's (possibly merged) weight and bias."""
+        base = self.base
+        base.weight = self.weight
+        if self._base_had_bias:
+            base.register_parameter("bias", self.bias)
+        return base
+
+    def extra_repr(self) -> str:
+        return f"{type(self.base).__name__}, adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
+
+
+def _stack_factors(factors, adapters) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack (A, s·B) of several adapters, zero-padded to one rank, behind a zero slot for the base."""
+    R = max(A.shape[0] for A, _, _ in factors)
+    A0, B0, _ = factors[0]
+    As = [A0.new_zeros(R, A0.shape[1])]
+    Bs = [B0.new_zeros(B0.shape[0], R)]
+    for A, B, s in factors:
+        As.append(F.pad(A, (0, 0, 0, R - A.shape[0])))
+        Bs.append(F.pad(B * s, (0, R - B.shape[1])))
+    p = torch.tensor([0.0] + [getattr(a, "dropout_p", 0.0) for a in adapters], device=A0.device)
+    return torch.stack(As), torch.stack(Bs), p

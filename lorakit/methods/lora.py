@@ -1,0 +1,145 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) and rsLoRA (Kalajdzievski 2023, arXiv 2312.03732).
+
+    h = W0·x + s · B·(A·dropout(x))        A: (r, d_in), B: (d_out, r), s = alpha/r  (rsLoRA: alpha/√r)
+
+         x ──────────────▶ [ W0 (frozen) ] ──────────────▶ (+) ──▶ h
+         └──▶ dropout ──▶ [ A ] ──▶ (r) ──▶ ×s ──▶ [ B ] ──┘
+
+A starts Kaiming-uniform and B at zero, so the adapted layer is exactly the base at init. For
+embeddings the roles swap (A = 0, B ~ N(0, 1), no dropout), as in loralib and PEFT. Conv layers
+get A as a conv with the base kernel geometry and B as a 1×1 conv (PEFT's layout).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.errors import ConfigError, MergeError, ShapeMismatchError
+from lorakit.methods.base import LayerSpec, check_dropout, check_positive, register
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@register
+@dataclass(frozen=True)
+class LoRA:
+    """Low-rank update ``s·B·A``; ``rslora=True`` scales by alpha/√rank instead of alpha/rank."""
+
+    name: ClassVar[str] = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+            raise ConfigError(f"{type(self).__name__}: rank must be an int, got {self.rank!r}")
+        check_positive(type(self).__name__, rank=self.rank, alpha=self.alpha)
+        check_dropout(type(self).__name__, self.dropout)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def build(self, spec: LayerSpec) -> "LoRAAdapter":
+        return LoRAAdapter(spec, self.rank, self.scale, self.dropout)
+
+    def peft_config(self) -> dict:
+        """The method-specific keys of PEFT's adapter_config.json."""
+        return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha,
+                "lora_dropout": self.dropout, "use_rslora": self.rslora, "use_dora": False}
+
+
+class LoRAAdapter(nn.Module):
+    """The tensors of one LoRA update on one layer: ``lora_A`` (r, d_in) and ``lora_B`` (d_out, r)."""
+
+    def __init__(self, spec: LayerSpec, rank: int, scale: float, dropout: float):
+        super().__init__()
+        if spec.kind == "conv" and rank % spec.groups:
+            raise ConfigError(f"LoRA on a conv with groups={spec.groups} needs a rank divisible by it, got {rank}")
+        self.spec, self.rank, self.scale, self.dropout_p = spec, rank, scale, dropout
+        # Dropout is applied to the input of the low-rank branch only; skipped entirely when p=0.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and spec.kind != "embedding" else None
+        factory = dict(device=spec.device, dtype=spec.dtype)
+        if spec.kind == "conv":
+            self.lora_A = nn.Parameter(torch.empty(rank, spec.d_in, *spec.kernel_size, **factory))
+            self.lora_B = nn.Parameter(torch.empty(spec.d_out, rank // spec.groups, *(1,) * len(spec.kernel_size), **factory))
+        else:
+            self.lora_A = nn.Parameter(torch.empty(rank, spec.d_in, **factory))
+            self.lora_B = nn.Parameter(torch.empty(spec.d_out, rank, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """LoRA's init: the update starts at exactly zero."""
+        if self.spec.kind == "embedding":
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+        else:
+            # A_ij ~ U(-1/√fan_in, 1/√fan_in), loralib's and PEFT's choice.
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A, self.lora_B
+        kind = self.spec.kind
+        if kind == "embedding":
+            h = F.embedding(x, A.t(), padding_idx=self.spec.padding_idx) * self.scale  # (..., r)
+            return base_out + (h @ B.t()).to(base_out.dtype)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        x = x.to(A.dtype)
+        if kind == "conv":
+            h = self.spec.conv(x, A) * self.scale  # (N, r, *spatial)
+            return base_out + _CONV_FN[A.dim() - 2](h, B, groups=self.spec.groups).to(base_out.dtype)
+        # Scale the rank-r intermediate (cheap) and fuse "+ base_out" into the second matmul.
+        h = F.linear(x, A) * self.scale  # (..., r)
+        if base_out.dtype != h.dtype:
+            return base_out + F.linear(h, B).to(base_out.dtype)
+        out = torch.addmm(base_out.reshape(-1, B.shape[0]), h.reshape(-1, self.rank), B.t())
+        return out.view(base_out.shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s·B·A in the layer's canonical layout, float32."""
+        A, B = self.lora_A.float(), self.lora_B.float()
+        if self.spec.kind == "embedding":
+            return (B @ A).t() * self.scale  # (num_embeddings, dim)
+        if self.spec.kind == "conv":
+            if self.spec.groups > 1:
+                raise MergeError("LoRA on a grouped conv (groups > 1) mixes channels across groups and cannot be merged")
+            return (B.flatten(1) @ A.flatten(1)).view(B.shape[0], *A.shape[1:]) * self.scale
+        return (B @ A) * self.scale
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, s) for batched per-row routing; None where routing must fall back (conv)."""
+        return None if self.spec.kind == "conv" else (self.lora_A, self.lora_B, self.scale)
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """Tensors under PEFT's key suffixes."""
+        if self.spec.kind == "embedding":
+            return {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Copy saved tensors in, checking every key and shape; ``where`` names the module in errors."""
+        load_exported(self, tensors, where)
+
+
+def load_exported(adapter: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``tensors`` into the tensors ``adapter.export()`` names, checking keys and shapes."""
+    own = adapter.export()
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise ShapeMismatchError(f"{where}: adapter tensors missing {missing} / unexpected {extra}")
+    for key, target in own.items():
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            raise ShapeMismatchError(
+                f"{where}.{key}: the file has shape {tuple(tensors[key].shape)}, the model needs {tuple(target.shape)}")
+    with torch.no_grad():
+        for key, target in own.items():
+            target.copy_(tensors[key])

@@ -1,0 +1,193 @@
+"""Model-level operations over every adapted layer: choose, disable, route, merge, remove, report."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+from torch import nn
+
+from lorakit.errors import AdapterNotFoundError, ConfigError, MergeError
+from lorakit.layers import AdaptedLayer
+
+
+def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
+    """(path, layer) for every adapted layer of the model."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters on the model, in the order they were added."""
+    names: dict[str, None] = {}
+    for _, layer in adapted_layers(model):
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def _check_names(model: nn.Module, names: Sequence[str | None]) -> None:
+    known = adapter_names(model)
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise AdapterNotFoundError(f"no adapter named {', '.join(map(repr, unknown))} on the model; it has {known}")
+
+
+def _train_paths(model: nn.Module, name: str) -> list[str]:
+    return getattr(model, "_lorakit_train", {}).get(name, [])
+
+
+def activate(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make ``names`` the active adapters (their outputs add up); only they are trainable."""
+    names = [names] if isinstance(names, str) else list(names)
+    _check_names(model, names)
+    layers = adapted_layers(model)
+    for path, layer in layers:
+        if layer.merged and set(layer.merged) != {n for n in names if n in layer.adapters}:
+            raise MergeError(f"{path} has {layer.merged} merged; lk.unmerge(model) before switching adapters")
+    for _, layer in layers:
+        layer.active = [n for n in names if n in layer.adapters]
+        for adapter_name, adapter in layer.adapters.items():
+            adapter.requires_grad_(adapter_name in layer.active)
+    trained = {p for n in getattr(model, "_lorakit_train", {}) for p in _train_paths(model, n)}
+    active_trained = {p for n in names for p in _train_paths(model, n)}
+    for path in trained:
+        model.get_submodule(path).requires_grad_(path in active_trained)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the active adapters."""
+    active: dict[str, None] = {}
+    for _, layer in adapted_layers(model):
+        active.update(dict.fromkeys(layer.active))
+    return list(active)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes exactly its base function (merged or not)."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, before):
+            layer.disabled = state
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, row i of every batch uses adapter ``names[i]`` (None = the base)."""
+    names = list(names)
+    if not names:
+        raise ConfigError("lk.route needs one adapter name (or None) per batch row")
+    _check_names(model, names)
+    layers = [layer for _, layer in adapted_layers(model)]
+    merged = [layer.path for layer in layers if layer.merged]
+    if merged:
+        raise MergeError(f"lk.route needs unmerged adapters; {merged[0]} is merged (lk.unmerge(model) first)")
+    for layer in layers:
+        layer.route, layer._route_cache = names, None
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.route, layer._route_cache = None, None
+
+
+def merge(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
+    """Fold the active adapters (or ``names``) into the base weights: zero added latency.
+
+    All or nothing: if any update is NaN/Inf, every layer is left as it was.
+    """
+    if names is not None:
+        _check_names(model, names)
+    done: list[tuple[AdaptedLayer, list[str]]] = []
+    try:
+        for _, layer in adapted_layers(model):
+            before = list(layer.merged)
+            layer.merge(None if names is None else [n for n in names if n in layer.adapters])
+            done.append((layer, before))
+    except MergeError:
+        for layer, before in done:
+            layer.unmerge()
+            layer.merge(before)
+        raise
+    return model
+
+
+_merge = merge  # unload's `merge` flag shadows the function
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restore every merged layer's original weight exactly."""
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+    return model
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (unmerging it first if it was merged)."""
+    _check_names(model, [name])
+    for _, layer in adapted_layers(model):
+        if name in layer.adapters:
+            layer.delete(name)
+    trained = dict(getattr(model, "_lorakit_train", {}))
+    trained.pop(name, None)
+    model._lorakit_train = trained
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Return the plain model with its original module classes.
+
+    ``merge=True`` folds the active adapters in first; ``merge=False`` restores the base weights.
+    """
+    (_merge if merge else unmerge)(model)
+    for path, layer in adapted_layers(model):
+        base = layer.unwrap()
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, base)
+    if hasattr(model, "_lorakit_train"):
+        del model._lorakit_train
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters to hand an optimizer: the active adapters' plus any ``train=`` modules'."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_plus_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0) -> list[dict]:
+    """LoRA+ optimizer groups (arXiv 2402.12354): B matrices and 1-D adapter tensors at ``lr·ratio``."""
+    if not ratio > 0 or not lr > 0:
+        raise ConfigError(f"lora_plus_groups needs lr > 0 and ratio > 0, got lr={lr}, ratio={ratio}")
+    fast: list[nn.Parameter] = []
+    for _, layer in adapted_layers(model):
+        for adapter in layer.adapters.values():
+            fast += [p for n, p in adapter.named_parameters() if p.requires_grad and ("lora_B" in n or p.dim() == 1)]
+    fast_ids = {id(p) for p in fast}
+    slow = [p for p in trainable_parameters(model) if id(p) not in fast_ids]
+    groups = [{"params": slow, "lr": lr, "weight_decay": weight_decay},
+              {"params": fast, "lr": lr * ratio, "weight_decay": weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
+def summary(model: nn.Module, file=None) -> str:
+    """Print (and return) a table of adapted modules with ranks and parameter counts."""
+    rows = []
+    for path, layer in adapted_layers(model):
+        for name, adapter in layer.adapters.items():
+            trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+            recipe = layer.recipes[name]
+            rows.append((path, type(layer.base).__name__, name + ("*" if name in layer.active else ""),
+                         str(getattr(recipe, "rank", "-")), f"{trainable:,}"))
+    header = ("module", "type", "adapter", "rank", "trainable")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in trainable_parameters(model))
+    text = "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows),
+                      f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)"
+                      "  (* = active)"])
+    print(text, file=file)
+    return text
