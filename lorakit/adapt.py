@@ -54,6 +54,21 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return head if head is not None else getattr(model, "lm_head", None)
 
 
+def _matching(candidates: list[tuple[str, nn.Module]], targets: Targets) -> list[tuple[str, nn.Module]]:
+    if not isinstance(targets, str) and (not targets or any(not isinstance(t, str) for t in targets)):
+        raise ConfigError(f"targets must be a regex string, a non-empty list of names or 'all-linear', got {targets!r}")
+    return [(p, m) for p, m in candidates if matches(p, targets)]
+
+
+def find(model: nn.Module, names: Targets) -> list[str]:
+    """Paths of the modules ``names`` matches (outermost only, any type), for ``train=``. Raises if none."""
+    candidates = list(walk(model))
+    paths = [p for p, _ in _matching(candidates, names)]
+    if not paths:
+        raise TargetNotFoundError(names, [p for p, _ in candidates])
+    return [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
+
+
 def select(model: nn.Module, targets: Targets, layers: Iterable[int] | None = None) -> list[tuple[str, nn.Module]]:
     """The modules ``targets`` names, checked to be adaptable. Raises if none match."""
     candidates = list(walk(model))
@@ -62,9 +77,7 @@ def select(model: nn.Module, targets: Targets, layers: Iterable[int] | None = No
         chosen = [(p, m) for p, m in candidates
                   if kind_of(m) in (LINEAR, GPT2_CONV1D) and m is not head]
     else:
-        if not isinstance(targets, str) and (not targets or any(not isinstance(t, str) for t in targets)):
-            raise ConfigError(f"targets must be a regex string, a non-empty list of names or 'all-linear', got {targets!r}")
-        chosen = [(p, m) for p, m in candidates if matches(p, targets)]
+        chosen = _matching(candidates, targets)
     if layers is not None:
         wanted = set(layers)
         chosen = [(p, m) for p, m in chosen if layer_index(p) in wanted]
@@ -107,7 +120,7 @@ def adapt(model: nn.Module, method, targets: Targets = "all-linear", *, name: st
 
     if name in adapter_names(model):
         raise AdapterExistsError(f"the model already has an adapter named {name!r}; pick another name or lk.delete it")
-    train_paths = [p for p, _ in select(model, train)] if train else []
+    train_paths = find(model, train) if train else []
     built = {}
     for path, module in select(model, targets, layers):
         recipe = recipe_for(method, path, ranks, alphas)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -190,7 +191,12 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default") 
         if not key.startswith(PREFIX):
             raise ShapeMismatchError(f"{directory / WEIGHTS_NAME}: key {key!r} lacks the {PREFIX!r} prefix")
         path, suffix = _split(key[len(PREFIX):], modules, train_paths, directory)
-        (trained if path in train_paths else grouped).setdefault(path, {})[suffix] = tensor
+        if suffix.startswith("base_layer."):
+            # PEFT saves a targeted embedding's full weight too (for resized vocabularies): that is
+            # the base the adapter was trained on, so it is loaded like a `train=` module's tensor.
+            trained.setdefault(path, {})[suffix[len("base_layer."):]] = tensor
+        else:
+            (trained if path in train_paths else grouped).setdefault(path, {})[suffix] = tensor
     if not grouped:
         raise AdapterFileError(f"{directory}: the adapter holds no adapter tensors")
 
@@ -211,6 +217,9 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default") 
         for path, module_tensors in trained.items():
             params = dict(modules[path].named_parameters())
             for pname, tensor in module_tensors.items():
+                if path not in train_paths and not torch.equal(params[pname], tensor.to(params[pname])):
+                    warnings.warn(f"{directory}: the adapter carries its own {path}.{pname} (PEFT saves targeted "
+                                  "embeddings whole); it replaces the model's", stacklevel=2)
                 params[pname].copy_(tensor)
     attach(model, name, built, [p for p in train_paths if p in trained])
     return model

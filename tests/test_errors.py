@@ -1,0 +1,170 @@
+"""Bad input gets a clear LorakitError that names what is wrong, and leaves the model as it was."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit as lk
+from conftest import randomize, tiny_llama, token_ids
+
+
+def test_every_error_is_a_lorakit_error():
+    for cls in (lk.ConfigError, lk.TargetNotFoundError, lk.UnsupportedLayerError, lk.AdapterExistsError,
+                lk.AdapterNotFoundError, lk.AdapterFileError, lk.ShapeMismatchError, lk.MergeError):
+        assert issubclass(cls, lk.LorakitError)
+
+
+def test_target_that_matches_nothing_names_it_and_shows_close_names():
+    model = tiny_llama()
+    with pytest.raises(lk.TargetNotFoundError, match=r"q_prj.*close module names: .*q_proj"):
+        lk.adapt(model, lk.LoRA(), ["q_prj"])
+    with pytest.raises(lk.TargetNotFoundError, match="k_proj"):
+        lk.adapt(model, lk.LoRA(), ["k_proj"], layers=[7])
+    assert lk.adapter_names(model) == [] and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rank=0), "rank must be > 0"), (dict(rank=-2), "rank must be > 0"), (dict(rank=2.5), "rank must be an int"),
+    (dict(rank=True), "rank must be an int"), (dict(alpha=0), "alpha must be > 0"), (dict(alpha=-1.0), "alpha"),
+    (dict(dropout=1.0), r"dropout must be in \[0, 1\)"), (dict(dropout=-0.1), "dropout"),
+])
+def test_invalid_recipe_values(kwargs, message):
+    with pytest.raises(lk.ConfigError, match=message):
+        lk.LoRA(**kwargs)
+
+
+def test_bad_per_layer_rank_is_caught_before_anything_changes():
+    model = tiny_llama()
+    with pytest.raises(lk.ConfigError, match="rank must be > 0"):
+        lk.adapt(model, lk.LoRA(rank=4), ["q_proj"], ranks={"layers.1": 0})
+    assert lk.adapter_names(model) == []
+
+
+def test_unsupported_layers():
+    with pytest.raises(lk.UnsupportedLayerError, match="model.norm is a LlamaRMSNorm"):
+        lk.adapt(tiny_llama(), lk.LoRA(), ["model.norm"])
+    with pytest.raises(lk.UnsupportedLayerError, match="out_proj"):  # MHA never calls out_proj's forward
+        lk.adapt(nn.Sequential(nn.MultiheadAttention(8, 2)), lk.LoRA(), ["out_proj"])
+    with pytest.raises(lk.ConfigError, match="targets must be"):
+        lk.adapt(tiny_llama(), lk.LoRA(), [])
+
+
+def test_adapter_names_that_exist_or_do_not():
+    model = lk.adapt(tiny_llama(), lk.LoRA(), ["q_proj"], name="sql")
+    with pytest.raises(lk.AdapterExistsError, match="'sql'"):
+        lk.adapt(model, lk.LoRA(), ["v_proj"], name="sql")
+    for call in (lambda: lk.activate(model, "chat"), lambda: lk.delete(model, "chat"),
+                 lambda: lk.save(model, "/nonexistent", name="chat"), lambda: lk.merge(model, ["chat"])):
+        with pytest.raises(lk.AdapterNotFoundError, match=r"'chat'.*\['sql'\]"):
+            call()
+    with pytest.raises(lk.AdapterNotFoundError):
+        with lk.route(model, ["sql", "chat", None]):
+            pass
+
+
+def _saved(tmp_path):
+    model = lk.adapt(tiny_llama(), lk.LoRA(rank=4), ["q_proj", "v_proj"])
+    randomize(model)
+    return lk.save(model, tmp_path / "adapter")
+
+
+def _assert_untouched(model, before):
+    assert lk.adapter_names(model) == []
+    assert torch.equal(model(token_ids()).logits, before)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete-weights", "bad-json", "no-config"])
+def test_corrupt_adapter_files(tmp_path, damage):
+    directory = _saved(tmp_path)
+    weights, config = directory / "adapter_model.safetensors", directory / "adapter_config.json"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x00\x01not a safetensors file" * 10)
+    elif damage == "delete-weights":
+        weights.unlink()
+    elif damage == "bad-json":
+        config.write_text("{not json")
+    else:
+        config.unlink()
+    model = tiny_llama()
+    before = model(token_ids()).logits
+    with pytest.raises(lk.AdapterFileError, match="adapter"):
+        lk.load(model, directory)
+    _assert_untouched(model, before)
+
+
+def test_shape_mismatch_names_the_module_and_loads_nothing(tmp_path):
+    directory = _saved(tmp_path)
+    model = tiny_llama(hidden=48)
+    before = model(token_ids()).logits
+    with pytest.raises(lk.ShapeMismatchError, match=r"model\.layers\.0\.self_attn\.q_proj.*\(4, 32\).*\(4, 48\)"):
+        lk.load(model, directory)
+    _assert_untouched(model, before)
+
+
+def test_adapter_for_modules_the_model_lacks(tmp_path):
+    directory = _saved(tmp_path)
+    model = tiny_llama(num_hidden_layers=1)
+    with pytest.raises(lk.ShapeMismatchError, match=r"layers\.1\.self_attn\.q_proj"):
+        lk.load(model, directory)
+    assert lk.adapter_names(model) == []
+
+
+def test_unsupported_peft_configs_are_refused(tmp_path):
+    directory = _saved(tmp_path)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(lk.AdapterFileError, match="IA3"):
+        lk.load(tiny_llama(), directory)
+
+
+def test_save_is_atomic_and_keeps_the_old_adapter_on_failure(tmp_path, monkeypatch):
+    directory = _saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    model = lk.adapt(tiny_llama(), lk.LoRA(rank=2), ["k_proj"])
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lorakit.checkpoint.save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        lk.save(model, directory)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before  # no temp files left either
+
+
+def test_merge_refuses_non_finite_updates_and_changes_nothing():
+    model = lk.adapt(tiny_llama(), lk.LoRA(rank=2), ["q_proj", "v_proj"])
+    randomize(model)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.adapters["default"].lora_B[0, 0] = float("nan")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lk.MergeError, match=r"layers\.1\.self_attn\.v_proj.*NaN"):
+        lk.merge(model)
+    assert all(torch.equal(model.state_dict()[k], v, ) for k, v in weights.items() if "lora_B" not in k)
+    assert all(not layer.merged for _, layer in lk.model.adapted_layers(model))
+
+
+def test_switching_or_routing_while_merged_is_refused():
+    model = lk.adapt(tiny_llama(), lk.LoRA(rank=2), ["q_proj"], name="a")
+    lk.adapt(model, lk.LoRA(rank=2), ["q_proj"], name="b")
+    lk.merge(model)
+    with pytest.raises(lk.MergeError, match="unmerge"):
+        lk.activate(model, "a")
+    with pytest.raises(lk.MergeError, match="unmerge"):
+        with lk.route(model, ["a", "b", None]):
+            pass
+    lk.unmerge(model)
+    lk.activate(model, "a")
+
+
+def test_route_with_the_wrong_batch_size():
+    model = lk.adapt(tiny_llama(), lk.LoRA(rank=2), ["q_proj"], name="a")
+    randomize(model)
+    with pytest.raises(lk.ConfigError, match="2 names for a batch of 3"):
+        with lk.route(model, ["a", None]):
+            model(token_ids(batch=3))

@@ -1,0 +1,218 @@
+"""The shared matrix: every layer type × the invariants every adapter must keep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit as lk
+from conftest import VOCAB, randomize, tiny_gpt2, tiny_unet
+
+
+def _gpt2_conv1d_net():
+    from transformers.pytorch_utils import Conv1D
+
+    return nn.Sequential(Conv1D(12, 6), nn.Tanh(), Conv1D(5, 12))
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], nn.Module]  # called under a fixed seed
+    targets: object
+    inputs: Callable[[], torch.Tensor]
+    rank: int = 4
+
+
+def _floats(*shape):
+    return lambda: torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+
+
+CASES = {
+    "linear": Case(lambda: nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5)), ["0", "2"], _floats(3, 4, 6)),
+    "linear-nobias": Case(lambda: nn.Sequential(nn.Linear(6, 5, bias=False)), r"0", _floats(3, 6)),
+    "gpt2-conv1d": Case(_gpt2_conv1d_net, ["0", "2"], _floats(3, 4, 6)),
+    "conv2d": Case(lambda: nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=2, dilation=2), nn.Tanh(),
+                                         nn.Conv2d(6, 4, (1, 3), padding="same", padding_mode="reflect")),
+                   ["0", "2"], _floats(3, 3, 9, 9)),
+    "conv1d": Case(lambda: nn.Sequential(nn.Conv1d(3, 6, 5, padding=2, padding_mode="circular")), ["0"],
+                   _floats(3, 3, 11)),
+    "embedding": Case(lambda: nn.Sequential(nn.Embedding(VOCAB, 8, padding_idx=0), nn.Linear(8, 4)), ["0"],
+                      lambda: torch.tensor([[0, 5, 9], [3, 3, 1], [7, 0, 2]])),
+}
+
+
+def _model(case: Case) -> nn.Module:
+    torch.manual_seed(0)
+    return case.build().eval()
+
+
+def _adapted(case: Case, names=("default",), rank=None) -> nn.Module:
+    model = _model(case)
+    for i, name in enumerate(names):
+        lk.adapt(model, lk.LoRA(rank=rank or case.rank, alpha=8), case.targets, name=name)
+        randomize(model, name, seed=10 + i)
+    return model
+
+
+matrix = pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+
+
+@matrix
+def test_init_is_exactly_the_base(case):
+    x = case.inputs()
+    base = _model(case)(x)
+    model = lk.adapt(_model(case), lk.LoRA(rank=case.rank, alpha=8, dropout=0.1), case.targets)
+    assert torch.equal(model(x), base)
+
+
+@matrix
+def test_base_state_dict_keys_and_values_unchanged(case):
+    base = _model(case).state_dict()
+    adapted = _adapted(case).state_dict()
+    assert {k: v for k, v in adapted.items() if ".adapters." not in k}.keys() == base.keys()
+    assert all(torch.equal(adapted[k], v) for k, v in base.items())
+
+
+@matrix
+def test_merge_matches_unmerged_and_unmerge_is_exact(case):
+    model, x = _adapted(case), case.inputs()
+    originals = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        unmerged = model(x)
+        assert not torch.allclose(unmerged, _model(case)(x), atol=1e-3)  # the update is real
+        lk.merge(model)
+        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+        lk.merge(model)  # idempotent
+        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+        lk.unmerge(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in originals.items())
+    assert torch.equal(model(x), unmerged)
+
+
+@matrix
+def test_save_load_round_trip(case, tmp_path):
+    model, x = _adapted(case), case.inputs()
+    lk.save(model, tmp_path / "a")
+    fresh = lk.load(_model(case), tmp_path / "a")
+    assert torch.equal(fresh(x), model(x))
+
+
+@matrix
+def test_only_adapter_parameters_get_gradients(case):
+    model, x = _adapted(case), case.inputs()
+    model.train()
+    model(x).float().pow(2).sum().backward()
+    for path, p in model.named_parameters():
+        if ".adapters." in path:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, path
+        else:
+            assert not p.requires_grad and p.grad is None, path
+    assert {id(p) for p in lk.trainable_parameters(model)} == {
+        id(p) for n, p in model.named_parameters() if ".adapters." in n}
+
+
+@matrix
+def test_disabled_is_exactly_the_base_merged_or_not(case):
+    model, x = _adapted(case), case.inputs()
+    base = _model(case)(x)
+    with lk.disabled(model):
+        assert torch.equal(model(x), base)
+    lk.merge(model)
+    with lk.disabled(model):
+        assert torch.equal(model(x), base)
+    assert not torch.allclose(model(x), base, atol=1e-3)
+
+
+@matrix
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_route_matches_each_row_alone(case, grad):
+    model, x = _adapted(case, names=("a", "b"), rank=None), case.inputs()
+    names = ["b", None, "a"]
+    with torch.set_grad_enabled(grad), lk.route(model, names):
+        routed = model(x)
+    for i, name in enumerate(names):
+        with torch.no_grad():
+            if name is None:
+                with lk.disabled(model):
+                    expected = model(x[i:i + 1])
+            else:
+                lk.activate(model, name)
+                expected = model(x[i:i + 1])
+        torch.testing.assert_close(routed[i:i + 1].detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+@matrix
+def test_route_with_different_ranks_and_stacked_cache(case):
+    model = _model(case)
+    lk.adapt(model, lk.LoRA(rank=2, alpha=4), case.targets, name="small")
+    lk.adapt(model, lk.LoRA(rank=6, alpha=4), case.targets, name="big")
+    randomize(model)
+    x = case.inputs()
+    with torch.no_grad():
+        with lk.route(model, ["big", "small", "big"]):
+            first, second = model(x), model(x)  # the second call reuses the stacked factors
+        lk.activate(model, "small")
+        small = model(x[1:2])
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first[1:2], small, atol=1e-5, rtol=1e-5)
+
+
+@matrix
+def test_unload_gives_original_classes(case):
+    model, x = _adapted(case), case.inputs()
+    with torch.no_grad():
+        expected = model(x)
+        plain = lk.unload(model)
+    reference = _model(case)
+    assert [type(m) for m in plain.modules()] == [type(m) for m in reference.modules()]
+    assert plain.state_dict().keys() == reference.state_dict().keys()
+    torch.testing.assert_close(plain(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_conv1d_is_transposed_without_being_told():
+    model, ids = tiny_gpt2(), torch.randint(0, VOCAB, (2, 5))
+    lk.adapt(model, lk.LoRA(rank=4), ["c_attn"])
+    layer = model.transformer.h[0].attn.c_attn
+    adapter = layer.adapters["default"]
+    assert adapter.lora_A.shape == (4, 32) and adapter.lora_B.shape == (96, 4)  # (r, d_in), (d_out, r)
+    randomize(model)
+    with torch.no_grad():
+        before = model(ids).logits
+        lk.merge(model)
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_diffusers_style_conv_net():
+    model, x = tiny_unet(), torch.randn(2, 3, 8, 8)
+    base = model.requires_grad_(False)(x)  # frozen, as adapt leaves it: torch picks other kernels otherwise
+    lk.adapt(model, lk.LoRA(rank=2, alpha=2), r"(conv_in|down|mid|conv_out|to_[qkv])")
+    assert torch.equal(model(x), base)
+    randomize(model)
+    with torch.no_grad():
+        out = model(x)
+        lk.merge(model)
+        torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_conv_trains_and_routes_but_refuses_to_merge(tmp_path):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding=1)).eval(), torch.randn(2, 4, 5, 5)
+    base = model(x)
+    with pytest.raises(lk.ConfigError, match="divisible"):
+        lk.adapt(model, lk.LoRA(rank=3), ["0"])
+    lk.adapt(model, lk.LoRA(rank=4), ["0"])
+    assert torch.equal(model(x), base)
+    randomize(model)
+    out = model(x)
+    lk.save(model, tmp_path)
+    torch.manual_seed(0)
+    assert torch.equal(lk.load(nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding=1)), tmp_path)(x), out)
+    weight = model[0].weight.clone()
+    with pytest.raises(lk.MergeError, match="groups"):
+        lk.merge(model)
+    assert torch.equal(model[0].weight, weight) and model[0].merged == []
