@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 from torch import nn
 
-from lorakit.errors import AdapterExistsError, ConfigError, TargetNotFoundError, UnsupportedLayerError
+from lorakit.errors import AdapterExistsError, ConfigError, MergeError, TargetNotFoundError, UnsupportedLayerError
 from lorakit.layers import GPT2_CONV1D, LINEAR, AdaptedLayer, layer_kind, spec_of
 
 Targets = str | Sequence[str]
@@ -131,8 +131,11 @@ def adapt(model: nn.Module, method, targets: Targets = "all-linear", *, name: st
 
 def attach(model: nn.Module, name: str, built: Mapping[str, tuple], train_paths: Sequence[str] = ()) -> None:
     """Wrap the modules in ``built`` ({path: (recipe, adapter)}) and make ``name`` the active adapter."""
-    from lorakit.model import activate
+    from lorakit.model import activate, adapted_layers
 
+    merged = next((path for path, layer in adapted_layers(model) if layer.merged), None)
+    if merged is not None:
+        raise MergeError(f"{merged} has merged adapters; lk.unmerge(model) before adding adapter {name!r}")
     model.requires_grad_(False)  # the base is frozen; activate() re-enables what trains
     for path, (recipe, adapter) in built.items():
         module = model.get_submodule(path)

@@ -158,6 +158,9 @@ def test_switching_or_routing_while_merged_is_refused():
     with pytest.raises(lk.MergeError, match="unmerge"):
         with lk.route(model, ["a", "b", None]):
             pass
+    with pytest.raises(lk.MergeError, match="unmerge"):
+        lk.adapt(model, lk.LoRA(rank=2), ["k_proj"], name="c")
+    assert lk.adapter_names(model) == ["a", "b"]
     lk.unmerge(model)
     lk.activate(model, "a")
 
