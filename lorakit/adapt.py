@@ -140,10 +140,10 @@ def attach(model: nn.Module, name: str, built: Mapping[str, tuple], train_paths:
     for path, (recipe, adapter) in built.items():
         module = model.get_submodule(path)
         if not isinstance(module, AdaptedLayer):
-            module = AdaptedLayer(module, layer_kind(module), path)
+            module = AdaptedLayer(module, layer_kind(module), path).train(module.training)
             parent, _, leaf = path.rpartition(".")
             setattr(model.get_submodule(parent), leaf, module)
-        module.add(name, adapter, recipe)
+        module.add(name, adapter.train(module.training), recipe)  # an eval-mode model stays in eval mode
     trained = dict(getattr(model, "_lorakit_train", {}))
     trained[name] = list(train_paths)
     model._lorakit_train = trained

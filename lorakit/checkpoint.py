@@ -9,6 +9,7 @@ touching the model, so a bad file leaves the model as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,9 +24,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.adapt import attach, kind_of, matches, walk
-from lorakit.errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, ShapeMismatchError
+from lorakit.errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, ShapeMismatchError
 from lorakit.layers import spec_of
 from lorakit.methods.base import METHODS, recipe_fields
+from lorakit.methods.dora import DoRA
 from lorakit.methods.lora import LoRA
 from lorakit.model import adapted_layers, adapter_names
 
@@ -69,17 +71,35 @@ def _patterns(recipes: dict[str, object], key: str, default) -> dict[str, object
     return {re.escape(path): getattr(r, key) for path, r in recipes.items() if getattr(r, key) != default}
 
 
-def save(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter ``name`` (and its ``train=`` modules) to ``directory``; returns the directory."""
+def _as_peft(recipe, adapter, path: str):
+    """(recipe, adapter) in a form PEFT reads: as is, or converted to the equivalent plain LoRA."""
+    if hasattr(recipe, "peft_config"):
+        return recipe, adapter
+    if hasattr(adapter, "to_lora"):
+        return adapter.to_lora()
+    raise ConfigError(f"{path}: {type(recipe).__name__} has no PEFT equivalent; save it with format='lorakit'")
+
+
+def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", format: str = "lorakit") -> Path:
+    """Write adapter ``name`` (and its ``train=`` modules) to ``directory``; returns the directory.
+
+    LoRA, rsLoRA and DoRA are always written in PEFT's format. ``format="peft"`` also converts
+    PiSSA/MiLoRA adapters to the plain LoRA (rank 2r) that PEFT loads on the original base.
+    """
+    if format not in ("lorakit", "peft"):
+        raise ConfigError(f"format must be 'lorakit' or 'peft', got {format!r}")
     layers = [(path, layer) for path, layer in adapted_layers(model) if name in layer.adapters]
     if not layers:
         raise AdapterNotFoundError(f"no adapter named {name!r} on the model; it has {adapter_names(model)}")
-    recipes = {path: layer.recipes[name] for path, layer in layers}
+    entries = {path: (layer.recipes[name], layer.adapters[name]) for path, layer in layers}
+    if format == "peft":
+        entries = {path: _as_peft(*entry, path) for path, entry in entries.items()}
+    recipes = {path: recipe for path, (recipe, _) in entries.items()}
     # The most common recipe is the config's default; the rest become per-module patterns.
     default = Counter(recipes.values()).most_common(1)[0][0]
     tensors = {}
-    for path, layer in layers:
-        for suffix, tensor in layer.adapters[name].export().items():
+    for path, (_, adapter) in entries.items():
+        for suffix, tensor in adapter.export().items():
             tensors[f"{PREFIX}{path}.{suffix}"] = tensor
     train_paths = getattr(model, "_lorakit_train", {}).get(name, [])
     for path in train_paths:
@@ -147,12 +167,11 @@ def _recipe(config: dict, where: Path):
         return cls(**config["lorakit_recipe"])
     if config.get("peft_type") != "LORA":
         raise AdapterFileError(f"{where}: peft_type {config.get('peft_type')!r} is not supported (LORA is)")
-    if config.get("use_dora"):
-        raise AdapterFileError(f"{where}: DoRA adapters are not supported yet")
     if config.get("lora_bias"):
         raise AdapterFileError(f"{where}: lora_bias adapters are not supported")
-    return LoRA(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-                dropout=float(config.get("lora_dropout") or 0.0), rslora=bool(config.get("use_rslora")))
+    return (DoRA if config.get("use_dora") else LoRA)(
+        rank=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
+        rslora=bool(config.get("use_rslora")))
 
 
 def _peft_pattern(patterns: dict, path: str):
@@ -168,8 +187,7 @@ def _module_recipe(config: dict, default, path: str, tensors: dict[str, torch.Te
     A = tensors.get("lora_A.weight", tensors.get("lora_embedding_A"))
     rank = int(A.shape[0]) if A is not None else default.rank
     alpha = _peft_pattern(config.get("alpha_pattern"), path)
-    return LoRA(rank=rank, alpha=float(alpha) if alpha is not None else default.alpha,
-                dropout=default.dropout, rslora=default.rslora)
+    return dataclasses.replace(default, rank=rank, alpha=float(alpha) if alpha is not None else default.alpha)
 
 
 def load(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> nn.Module:
@@ -203,7 +221,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default") 
     built = {}
     for path, module_tensors in grouped.items():
         recipe = _module_recipe(config, default, path, module_tensors)
-        adapter = recipe.build(spec_of(modules[path]))
+        adapter = recipe.build(spec_of(modules[path]), init=False)
         adapter.load_tensors(module_tensors, where=path)
         built[path] = (recipe, adapter)
     for path, module_tensors in trained.items():

@@ -104,7 +104,7 @@ def _make_spec(base: nn.Module, kind: LayerKind, weight: torch.Tensor, base_weig
     elif kind.kind == "embedding":
         extra = dict(padding_idx=base.padding_idx)
     return LayerSpec(kind=kind.kind, d_in=d_in, d_out=d_out, device=weight.device,
-                     dtype=adapter_dtype(weight.dtype), weight=base_weight, **extra)
+                     dtype=adapter_dtype(weight.dtype), weight=base_weight, source=weight, **extra)
 
 
 def spec_of(module: nn.Module) -> LayerSpec:
@@ -174,10 +174,19 @@ class AdaptedLayer(nn.Module):
         out = self.kind.forward(self.base, x, self.weight, self.bias)
         if self.route is not None:
             return self._routed(x, out)
+        base = out
         for name in self.active:
             if name not in self.merged:
-                out = self.adapters[name](x, out)
+                out = self._apply(self.adapters[name], x, out, base)
         return out
+
+    def _apply(self, adapter: nn.Module, x: torch.Tensor, out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """``adapter(x, out)``; adapters that rescale the base output (DoRA) also get ``base = W·x``, no bias."""
+        if not getattr(adapter, "needs_base", False):
+            return adapter(x, out)
+        if self.bias is not None:
+            base = base - self.bias.view(-1, *(1,) * (base.dim() - 2)) if self.kind.kind == "conv" else base - self.bias
+        return adapter(x, out, base=base)
 
     def _routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Row i of the batch gets adapter route[i] (None or absent here = the base)."""
@@ -213,9 +222,11 @@ class AdaptedLayer(nn.Module):
 
     def _routed_loop(self, x, out, names, index):
         """Routing for adapters without low-rank factors (conv, other methods): one call per adapter."""
+        base = out
         for slot, name in enumerate(names, start=1):
             rows = (index == slot).nonzero().squeeze(1)
-            out = out.index_copy(0, rows, self.adapters[name](x.index_select(0, rows), out.index_select(0, rows)))
+            rows_out = base.index_select(0, rows)
+            out = out.index_copy(0, rows, self._apply(self.adapters[name], x.index_select(0, rows), rows_out, rows_out))
         return out
 
     # --- merging ------------------------------------------------------------------------------

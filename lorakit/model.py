@@ -137,6 +137,26 @@ def delete(model: nn.Module, name: str) -> None:
     model._lorakit_train = trained
 
 
+def to_lora(model: nn.Module, name: str = "default") -> nn.Module:
+    """Turn adapter ``name`` (PiSSA, MiLoRA) into the plain LoRA computing the same update, in place.
+
+    The result (rank 2r) is an ordinary LoRA on the untouched base: PEFT loads it when saved.
+    """
+    _check_names(model, [name])
+    layers = [layer for _, layer in adapted_layers(model) if name in layer.adapters]
+    for layer in layers:
+        if not hasattr(layer.adapters[name], "to_lora"):
+            raise ConfigError(f"{layer.path}: adapter {name!r} ({type(layer.recipes[name]).__name__}) "
+                              "has no plain-LoRA form")
+        if name in layer.merged:
+            raise MergeError(f"{layer.path}: adapter {name!r} is merged; lk.unmerge(model) first")
+    for layer in layers:
+        recipe, adapter = layer.adapters[name].to_lora()
+        adapter.requires_grad_(name in layer.active)
+        layer.adapters[name], layer.recipes[name] = adapter, recipe
+    return model
+
+
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Return the plain model with its original module classes.
 

@@ -69,14 +69,14 @@ def token_ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
 
 
 def randomize(model: nn.Module, name: str | None = None, std: float = 0.1, seed: int = 2) -> None:
-    """Give every adapter tensor (of adapter ``name``, or all) random values, so updates are non-zero."""
+    """Add noise to every trainable adapter tensor (of adapter ``name``, or all), so updates are non-zero."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lk.model.adapted_layers(model):
             for adapter_name, adapter in layer.adapters.items():
                 if name is None or adapter_name == name:
                     for p in adapter.parameters():
-                        p.copy_(torch.randn(p.shape, generator=g) * std)
+                        p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 @pytest.fixture(autouse=True)

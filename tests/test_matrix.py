@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,7 +25,6 @@ class Case:
     build: Callable[[], nn.Module]  # called under a fixed seed
     targets: object
     inputs: Callable[[], torch.Tensor]
-    rank: int = 4
 
 
 def _floats(*shape):
@@ -45,27 +45,49 @@ CASES = {
 }
 
 
-def _model(case: Case) -> nn.Module:
+METHODS = {
+    "lora": lk.LoRA(rank=4, alpha=8, dropout=0.1),
+    "rslora": lk.LoRA(rank=4, alpha=8, rslora=True),
+    "dora": lk.DoRA(rank=4, alpha=8, dropout=0.1),
+    "pissa": lk.PiSSA(rank=3, alpha=6),
+    "pissa-niter": lk.PiSSA(rank=2, niter=4),
+    "milora": lk.MiLoRA(rank=2, dropout=0.1),
+}
+LINEAR_ONLY = ("pissa", "pissa-niter", "milora")  # SVD of a 2-D weight; other kinds raise (tested below)
+
+
+def _model(case) -> nn.Module:
     torch.manual_seed(0)
-    return case.build().eval()
+    return case.layer.build().eval()
 
 
-def _adapted(case: Case, names=("default",), rank=None) -> nn.Module:
+def _adapted(case, names=("default",), **changes) -> nn.Module:
     model = _model(case)
     for i, name in enumerate(names):
-        lk.adapt(model, lk.LoRA(rank=rank or case.rank, alpha=8), case.targets, name=name)
+        lk.adapt(model, dataclasses.replace(case.method, **changes), case.layer.targets, name=name)
         randomize(model, name, seed=10 + i)
     return model
 
 
-matrix = pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@dataclass(frozen=True)
+class MatrixCase:
+    method: object
+    layer: Case
+
+    def inputs(self):
+        return self.layer.inputs()
+
+
+MATRIX = {f"{m}-{c}": MatrixCase(METHODS[m], CASES[c]) for m in METHODS for c in CASES
+          if m not in LINEAR_ONLY or c in ("linear", "linear-nobias", "gpt2-conv1d")}
+matrix = pytest.mark.parametrize("case", MATRIX.values(), ids=MATRIX.keys())
 
 
 @matrix
 def test_init_is_exactly_the_base(case):
     x = case.inputs()
-    base = _model(case)(x)
-    model = lk.adapt(_model(case), lk.LoRA(rank=case.rank, alpha=8, dropout=0.1), case.targets)
+    base = _model(case).requires_grad_(False)(x)
+    model = lk.adapt(_model(case), case.method, case.layer.targets)
     assert torch.equal(model(x), base)
 
 
@@ -131,7 +153,7 @@ def test_disabled_is_exactly_the_base_merged_or_not(case):
 @matrix
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_route_matches_each_row_alone(case, grad):
-    model, x = _adapted(case, names=("a", "b"), rank=None), case.inputs()
+    model, x = _adapted(case, names=("a", "b")), case.inputs()
     names = ["b", None, "a"]
     with torch.set_grad_enabled(grad), lk.route(model, names):
         routed = model(x)
@@ -149,8 +171,8 @@ def test_route_matches_each_row_alone(case, grad):
 @matrix
 def test_route_with_different_ranks_and_stacked_cache(case):
     model = _model(case)
-    lk.adapt(model, lk.LoRA(rank=2, alpha=4), case.targets, name="small")
-    lk.adapt(model, lk.LoRA(rank=6, alpha=4), case.targets, name="big")
+    lk.adapt(model, dataclasses.replace(case.method, rank=1, alpha=4), case.layer.targets, name="small")
+    lk.adapt(model, dataclasses.replace(case.method, rank=3, alpha=4), case.layer.targets, name="big")
     randomize(model)
     x = case.inputs()
     with torch.no_grad():

@@ -44,6 +44,7 @@ class LayerSpec:
     conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # Returns the frozen base weight in canonical layout, float32; for methods built on its SVD.
     weight: Callable[[], torch.Tensor] | None = None
+    source: torch.Tensor | None = None  # the layer's weight parameter: identifies it to caches (svd)
 
 
 @runtime_checkable
@@ -64,7 +65,8 @@ class Method(Protocol):
 
     name: ClassVar[str]
 
-    def build(self, spec: LayerSpec) -> nn.Module: ...
+    def build(self, spec: LayerSpec, init: bool = True) -> nn.Module:
+        """An adapter for one layer; ``init=False`` may skip costly inits (the tensors are loaded next)."""
 
 
 METHODS: dict[str, type] = {}

@@ -47,8 +47,9 @@ class LoRA:
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
-    def build(self, spec: LayerSpec) -> "LoRAAdapter":
-        return LoRAAdapter(spec, self.rank, self.scale, self.dropout)
+    def build(self, spec: LayerSpec, init: bool = True) -> "LoRAAdapter":
+        """The adapter for one layer (``init=False``: uninitialised, its tensors are about to be loaded)."""
+        return LoRAAdapter(spec, self.rank, self.scale, self.dropout, init)
 
     def peft_config(self) -> dict:
         """The method-specific keys of PEFT's adapter_config.json."""
@@ -59,7 +60,7 @@ class LoRA:
 class LoRAAdapter(nn.Module):
     """The tensors of one LoRA update on one layer: ``lora_A`` (r, d_in) and ``lora_B`` (d_out, r)."""
 
-    def __init__(self, spec: LayerSpec, rank: int, scale: float, dropout: float):
+    def __init__(self, spec: LayerSpec, rank: int, scale: float, dropout: float, init: bool = True):
         super().__init__()
         if spec.kind == "conv" and rank % spec.groups:
             raise ConfigError(f"LoRA on a conv with groups={spec.groups} needs a rank divisible by it, got {rank}")
@@ -73,7 +74,8 @@ class LoRAAdapter(nn.Module):
         else:
             self.lora_A = nn.Parameter(torch.empty(rank, spec.d_in, **factory))
             self.lora_B = nn.Parameter(torch.empty(spec.d_out, rank, **factory))
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """LoRA's init: the update starts at exactly zero."""
@@ -85,22 +87,25 @@ class LoRAAdapter(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A, self.lora_B
-        kind = self.spec.kind
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """s·B·(A·x) for an input that has been through dropout already; the layer's output shape."""
+        A, B, kind = self.lora_A, self.lora_B, self.spec.kind
         if kind == "embedding":
-            h = F.embedding(x, A.t(), padding_idx=self.spec.padding_idx) * self.scale  # (..., r)
-            return base_out + (h @ B.t()).to(base_out.dtype)
-        if self.dropout is not None:
-            x = self.dropout(x)
+            return (F.embedding(x, A.t(), padding_idx=self.spec.padding_idx) * self.scale) @ B.t()  # via (..., r)
         x = x.to(A.dtype)
         if kind == "conv":
             h = self.spec.conv(x, A) * self.scale  # (N, r, *spatial)
-            return base_out + _CONV_FN[A.dim() - 2](h, B, groups=self.spec.groups).to(base_out.dtype)
+            return _CONV_FN[A.dim() - 2](h, B, groups=self.spec.groups)
+        return F.linear(F.linear(x, A) * self.scale, B)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        A, B = self.lora_A, self.lora_B
+        if self.spec.kind != "linear" or base_out.dtype != A.dtype:
+            return base_out + self.update(x).to(base_out.dtype)
         # Scale the rank-r intermediate (cheap) and fuse "+ base_out" into the second matmul.
-        h = F.linear(x, A) * self.scale  # (..., r)
-        if base_out.dtype != h.dtype:
-            return base_out + F.linear(h, B).to(base_out.dtype)
+        h = F.linear(x.to(A.dtype), A) * self.scale  # (..., r)
         out = torch.addmm(base_out.reshape(-1, B.shape[0]), h.reshape(-1, self.rank), B.t())
         return out.view(base_out.shape)
 

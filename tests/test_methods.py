@@ -1,0 +1,206 @@
+"""Method-specific facts: SVD starts, DoRA's norm, conversions, parameter counts, PEFT parity for DoRA/PiSSA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit as lk
+from lorakit import svd
+from conftest import randomize, tiny_gpt2, tiny_llama, tiny_unet, token_ids
+
+peft = pytest.importorskip("peft")
+
+
+def _linear(d_in=12, d_out=10, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, d_out))
+
+
+def _adapter(model):
+    return model[0].adapters["default"]
+
+
+@pytest.mark.parametrize("method, part", [(lk.PiSSA(rank=3, alpha=6), slice(0, 3)),
+                                          (lk.MiLoRA(rank=3), slice(7, 10))])
+def test_svd_start_holds_the_top_or_bottom_part_of_w(method, part):
+    model = _linear()
+    W = model[0].weight.detach().clone()
+    U, S, Vh = torch.linalg.svd(W)
+    lk.adapt(model, method, ["0"])
+    adapter = _adapter(model)
+    start = method.scale * adapter.init_B @ adapter.init_A
+    torch.testing.assert_close(start, U[:, part] @ torch.diag(S[part]) @ Vh[part], atol=1e-5, rtol=1e-5)
+    assert torch.equal(adapter.lora_A, adapter.init_A) and torch.equal(adapter.lora_B, adapter.init_B)
+    assert torch.equal(model[0].weight, W)  # the base is untouched
+
+
+def test_randomized_svd_is_reproducible_and_close_to_exact():
+    W = torch.randn(40, 30)
+    torch.manual_seed(1)
+    first = svd.top(W, 4, niter=4)
+    svd.clear_cache()
+    torch.manual_seed(2)
+    second = svd.top(W, 4, niter=4)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    exact = torch.linalg.svdvals(W)[:4]
+    assert torch.all(first[1] <= exact * (1 + 1e-5)) and torch.allclose(first[1], exact, rtol=0.1)
+
+
+def test_svd_signs_are_canonical_and_results_cached(monkeypatch):
+    W = torch.randn(8, 6)
+    svd.clear_cache()
+    U, S, Vh = svd.svd(W)
+    torch.testing.assert_close(U @ torch.diag(S) @ Vh, W, atol=1e-5, rtol=1e-5)
+    assert torch.all(Vh.gather(1, Vh.abs().argmax(1, keepdim=True)) > 0)
+    monkeypatch.setattr(svd, "_compute", lambda *a: pytest.fail("recomputed a cached SVD"))
+    assert svd.svd(W)[0] is U
+    model = _linear()
+    monkeypatch.undo()
+    lk.adapt(model, lk.PiSSA(rank=2), ["0"], name="a")
+    monkeypatch.setattr(svd, "_compute", lambda *a: pytest.fail("second adapter on a layer redid the SVD"))
+    lk.adapt(model, lk.PiSSA(rank=4), ["0"], name="b")
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # a changed weight is a new decomposition
+    with pytest.raises(pytest.fail.Exception):
+        lk.adapt(model, lk.PiSSA(rank=2), ["0"], name="c")
+
+
+def test_svd_methods_refuse_what_they_cannot_do():
+    with pytest.raises(lk.ConfigError, match="full SVD"):
+        lk.MiLoRA(rank=2, niter=2)
+    with pytest.raises(lk.ConfigError, match="niter must be > 0"):
+        lk.PiSSA(rank=2, niter=0)
+    with pytest.raises(lk.ConfigError, match="exceeds"):
+        lk.adapt(_linear(), lk.PiSSA(rank=11), ["0"])
+    with pytest.raises(lk.UnsupportedLayerError, match="PiSSA adapts linear layers, not conv"):
+        lk.adapt(tiny_unet(), lk.PiSSA(rank=2), ["conv_in"])
+    with pytest.raises(lk.UnsupportedLayerError, match="MiLoRA adapts linear layers, not embedding"):
+        lk.adapt(tiny_llama(), lk.MiLoRA(rank=2), ["embed_tokens"])
+    model = lk.adapt(_linear(), lk.LoRA(rank=2), ["0"])
+    with pytest.raises(lk.ConfigError, match="no plain-LoRA form"):
+        lk.to_lora(model)
+
+
+def test_trainable_parameter_counts_follow_the_formulas():
+    d_in, d_out, r = 12, 10, 3
+
+    def count(method):
+        return sum(p.numel() for p in lk.trainable_parameters(lk.adapt(_linear(d_in, d_out), method, ["0"])))
+
+    assert count(lk.LoRA(rank=r)) == r * (d_in + d_out)
+    assert count(lk.DoRA(rank=r)) == r * (d_in + d_out) + d_out
+    assert count(lk.PiSSA(rank=r)) == count(lk.MiLoRA(rank=r)) == r * (d_in + d_out)
+
+
+@pytest.mark.parametrize("method", [lk.PiSSA(rank=4, alpha=8), lk.PiSSA(rank=4, niter=2), lk.MiLoRA(rank=4)])
+def test_trained_svd_adapter_converts_to_a_lora_peft_loads(method, tmp_path):
+    model, x = tiny_llama(), token_ids()
+    lk.adapt(model, method, "all-linear")
+    randomize(model, std=0.05)
+    expected = model(x).logits
+    lk.save(model, tmp_path / "native")
+    lk.save(model, tmp_path / "peft", format="peft")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft").eval()
+    torch.testing.assert_close(theirs(x).logits, expected, atol=1e-5, rtol=1e-5)
+    config = peft.LoraConfig.from_pretrained(tmp_path / "peft")
+    assert config.r == 8 and config.lora_alpha == pytest.approx(8 * method.scale)
+    lk.to_lora(model)
+    assert type(model.model.layers[0].self_attn.q_proj.recipes["default"]) is lk.LoRA
+    torch.testing.assert_close(model(x).logits, expected, atol=1e-5, rtol=1e-5)
+    assert lk.trainable_parameters(model)  # the converted adapter is still the active, trainable one
+
+
+def test_native_reload_never_redoes_the_svd(tmp_path, monkeypatch):
+    model, x = tiny_llama(), token_ids()
+    lk.adapt(model, lk.PiSSA(rank=4, niter=2), ["q_proj", "v_proj"])
+    randomize(model)
+    lk.save(model, tmp_path)
+    monkeypatch.setattr(svd, "_compute", lambda *a: pytest.fail("reload ran an SVD"))
+    fresh = lk.load(tiny_llama(), tmp_path)
+    assert torch.equal(fresh(x).logits, model(x).logits)
+
+
+def test_dora_norm_is_detached_and_matches_the_direct_formula():
+    model = lk.adapt(_linear(), lk.DoRA(rank=3, alpha=6), ["0"])
+    adapter = _adapter(model)
+    W = model[0].weight.detach()
+    torch.testing.assert_close(adapter.magnitude.detach(), W.norm(dim=1), atol=1e-6, rtol=1e-6)
+    randomize(model)
+    direct = (W + adapter.lora.delta_weight()).norm(dim=1)
+    torch.testing.assert_close(adapter.weight_norm(), direct, atol=1e-5, rtol=1e-5)
+    assert not adapter.weight_norm().requires_grad
+
+
+DORA_SETUPS = {
+    "llama-qv": (tiny_llama, dict(targets=["q_proj", "v_proj"]), dict(target_modules=["q_proj", "v_proj"])),
+    "llama-all-linear": (tiny_llama, dict(targets="all-linear"), dict(target_modules="all-linear")),
+    "gpt2": (tiny_gpt2, dict(targets=["c_attn", "c_proj"]), dict(target_modules=["c_attn", "c_proj"],
+                                                                 fan_in_fan_out=True)),
+    "embedding": (tiny_llama, dict(targets=["embed_tokens", "o_proj"]), dict(target_modules=["embed_tokens", "o_proj"])),
+}
+
+
+@pytest.mark.parametrize("setup", DORA_SETUPS.values(), ids=DORA_SETUPS.keys())
+def test_dora_parity_with_peft_both_ways(setup, tmp_path):
+    build, ours_kwargs, peft_kwargs = setup
+    x = token_ids()
+    model = lk.adapt(build(), lk.DoRA(rank=4, alpha=8), **ours_kwargs)
+    randomize(model)
+    expected = model(x).logits
+    lk.save(model, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(x).logits, expected, atol=1e-5, rtol=1e-5)
+
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, **peft_kwargs))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lk.load(build(), tmp_path / "peft")
+    assert isinstance(lk.model.adapted_layers(ours)[0][1].recipes["default"], lk.DoRA)
+    torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_conv_parity_with_peft(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    model = lk.adapt(tiny_unet(), lk.DoRA(rank=2, alpha=4), ["conv_in", "conv_out"])
+    randomize(model)
+    with torch.no_grad():
+        expected = model(x)
+    lk.save(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_unet(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_training_follows_peft():
+    x = token_ids(batch=4, length=12)
+    ours = lk.adapt(tiny_llama(), lk.DoRA(rank=4, alpha=8), ["q_proj", "v_proj", "down_proj"])
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                              target_modules=["q_proj", "v_proj", "down_proj"]))
+    ours_named = {n.replace(".adapters.default.lora.", ".").replace(".adapters.default.magnitude", ".lora_magnitude_vector")
+                  .removesuffix(".weight"): p for n, p in ours.named_parameters() if p.requires_grad}
+    theirs_named = {n.removeprefix("base_model.model.").replace(".default.weight", "").replace(".default", ""): p
+                    for n, p in theirs.named_parameters() if p.requires_grad}
+    assert ours_named.keys() == theirs_named.keys()
+    with torch.no_grad():
+        for key, p in ours_named.items():
+            theirs_named[key].copy_(p)
+    runs = []
+    for model, params in ((ours, ours_named), (theirs, theirs_named)):
+        model.train()
+        optimizer = torch.optim.AdamW(params.values(), lr=1e-2)
+        losses = []
+        for _ in range(4):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        runs.append(losses)
+    assert runs[0] == pytest.approx(runs[1], abs=1e-5)
