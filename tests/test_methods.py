@@ -204,3 +204,97 @@ def test_dora_training_follows_peft():
             losses.append(loss.item())
         runs.append(losses)
     assert runs[0] == pytest.approx(runs[1], abs=1e-5)
+
+
+def test_lora_xs_core_sits_between_frozen_singular_vectors(tmp_path, monkeypatch):
+    model = _linear()
+    W = model[0].weight.detach().clone()
+    U, S, Vh = torch.linalg.svd(W)
+    lk.adapt(model, lk.LoRAXS(rank=3, alpha=6), ["0"])
+    adapter = _adapter(model)
+    signs = torch.sign((adapter.lora_B * U[:, :3]).sum(0))  # equal up to each pair's sign
+    torch.testing.assert_close(adapter.lora_B, U[:, :3] * signs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(adapter.lora_A, (S[:3, None] * Vh[:3]) * signs[:, None], atol=1e-5, rtol=1e-5)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.adapters.default.lora_latent"]
+    assert torch.count_nonzero(adapter.lora_latent) == 0
+    gaussian = _adapter(lk.adapt(_linear(), lk.LoRAXS(rank=3, init="gaussian"), ["0"])).lora_latent
+    assert 0 < gaussian.abs().max() < 1e-4
+    x = torch.randn(4, 12)
+    model(x).sum().backward()
+    assert adapter.lora_latent.grad.abs().sum() > 0  # learns from an exact zero start
+    randomize(model)
+    lk.save(model, tmp_path)
+    monkeypatch.setattr(svd, "_compute", lambda *a: pytest.fail("reload ran an SVD"))
+    assert torch.equal(lk.load(_linear(), tmp_path)(x), model(x))
+
+
+def test_svf_scales_singular_values_and_saves_only_them(tmp_path):
+    model, x = _linear(), torch.randn(4, 12)
+    lk.adapt(model, lk.SVF(), ["0"])
+    adapter = _adapter(model)
+    assert sum(p.numel() for p in lk.trainable_parameters(model)) == 10
+    with torch.no_grad():
+        adapter.values.copy_(torch.linspace(0.5, 1.5, 10))
+    W = model[0].weight.detach()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    expected = U @ torch.diag(S * torch.linspace(0.5, 1.5, 10)) @ Vh
+    torch.testing.assert_close(W + adapter.delta_weight(), expected, atol=1e-5, rtol=1e-5)
+    lk.save(model, tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sum(t.numel() for t in saved.values()) == 4 * 10  # z, σ and the diagonal's indices: no U or V
+    torch.testing.assert_close(lk.load(_linear(), tmp_path)(x), model(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", [lk.SVF(), lk.SVFT(pattern="banded", width=2)])
+def test_spectral_adapters_refuse_a_different_base(method, tmp_path):
+    model = lk.adapt(_linear(), method, ["0"])
+    randomize(model)
+    lk.save(model, tmp_path)
+    other = _linear(seed=1)
+    with pytest.raises(lk.ShapeMismatchError, match="singular values differ"):
+        lk.load(other, tmp_path)
+    assert lk.adapter_names(other) == []
+
+
+@pytest.mark.parametrize("pattern, width", [("plain", 0), ("banded", 2), ("random", 2), ("top_k", 2),
+                                            ("banded", 20)])
+def test_svft_parameter_counts_and_support(pattern, width):
+    d_in, d_out = 12, 10
+    n, d = min(d_in, d_out), min(width, 9)
+    model = lk.adapt(_linear(d_in, d_out), lk.SVFT(pattern=pattern, width=width), ["0"])
+    adapter = _adapter(model)
+    expected = n if pattern == "plain" else n * (2 * d + 1) - d * (d + 1)
+    assert sum(p.numel() for p in lk.trainable_parameters(model)) == expected
+    positions = set(zip(adapter.rows.tolist(), adapter.cols.tolist()))
+    assert len(positions) == expected and {(i, i) for i in range(n)} <= positions  # distinct, diagonal kept
+    if pattern == "banded":
+        assert all(abs(i - j) <= d for i, j in positions)
+    if pattern == "top_k":
+        U, Vh = adapter.U, adapter.Vh
+        alignment = (U[:n].t() @ Vh[:, :n].t()).abs()
+        off = [alignment[i, j] for i, j in positions if i != j]
+        rest = [alignment[i, j] for i in range(n) for j in range(n) if i != j and (i, j) not in positions]
+        assert min(off) >= max(rest)
+    with torch.no_grad():
+        adapter.values.normal_()
+    M = adapter.dense()
+    torch.testing.assert_close(adapter.delta_weight(), adapter.U @ M @ adapter.Vh, atol=1e-5, rtol=1e-5)
+
+
+def test_svft_random_pattern_is_seeded():
+    first = _adapter(lk.adapt(_linear(), lk.SVFT(pattern="random", width=2, seed=3), ["0"]))
+    second = _adapter(lk.adapt(_linear(), lk.SVFT(pattern="random", width=2, seed=3), ["0"]))
+    third = _adapter(lk.adapt(_linear(), lk.SVFT(pattern="random", width=2, seed=4), ["0"]))
+    assert torch.equal(first.rows, second.rows) and torch.equal(first.cols, second.cols)
+    assert not (torch.equal(first.rows, third.rows) and torch.equal(first.cols, third.cols))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(pattern="diagonal"), "pattern must be one of"), (dict(pattern="plain", width=2), "plain pattern"),
+    (dict(pattern="banded", width=-1), "width must be"),
+])
+def test_svft_bad_settings(kwargs, message):
+    with pytest.raises(lk.ConfigError, match=message):
+        lk.SVFT(**kwargs)

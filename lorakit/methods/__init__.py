@@ -3,6 +3,9 @@
 from lorakit.methods.base import METHODS, Adapter, LayerSpec, Method
 from lorakit.methods.dora import DoRA
 from lorakit.methods.lora import LoRA
+from lorakit.methods.lora_xs import LoRAXS
 from lorakit.methods.pissa import MiLoRA, PiSSA
+from lorakit.methods.svf import SVF
+from lorakit.methods.svft import SVFT
 
-__all__ = ["METHODS", "Adapter", "DoRA", "LayerSpec", "LoRA", "Method", "MiLoRA", "PiSSA"]
+__all__ = ["METHODS", "SVF", "SVFT", "Adapter", "DoRA", "LayerSpec", "LoRA", "LoRAXS", "Method", "MiLoRA", "PiSSA"]

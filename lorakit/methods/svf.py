@@ -1,0 +1,128 @@
+"""SVF, singular value fine-tuning (Transformer², Sun et al. 2025, arXiv 2501.06252).
+
+One trainable scale per singular value of the full SVD ``W = U·diag(σ)·Vᵀ``:
+
+    W' = U·diag(σ ⊙ z)·Vᵀ,   written against the untouched base as   ΔW = U·diag(σ ⊙ (z − 1))·Vᵀ
+
+z starts at 1 (exactly the base). Trainable parameters: min(d_out, d_in) per matrix. Unlike the
+reference code this uses z directly (no sigmoid, no Σσ renormalisation), so experts mix linearly:
+``lk.combine(model, {"math": 0.6, "code": 0.4}, how="interpolate")`` is ``z = 0.6·z_math + 0.4·z_code``.
+
+U and V are not saved: diagonal scales are unchanged by the sign of a singular pair, so a reload
+recomputes the (deterministic, full) SVD and checks the saved singular values against it — they
+are the base weight's fingerprint. ``SpectralAdapter`` also serves SVFT (a sparse M in this basis).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lorakit import svd
+from lorakit.errors import ShapeMismatchError, UnsupportedLayerError
+from lorakit.methods.base import LayerSpec, check_dropout, register
+from lorakit.methods.lora import load_exported
+
+
+def singular_basis(method: str, spec: LayerSpec):
+    """The full SVD ``(U, S, Vh)`` of a linear layer's weight (other layer kinds raise)."""
+    if spec.kind != "linear":
+        raise UnsupportedLayerError(f"{method} adapts linear layers, not {spec.kind} layers")
+    return svd.svd(spec.weight(), source=spec.source)
+
+
+@register
+@dataclass(frozen=True)
+class SVF:
+    """Trainable multiplier z per singular value; the base at z = 1."""
+
+    name: ClassVar[str] = "svf"
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        check_dropout("SVF", self.dropout)
+
+    def build(self, spec: LayerSpec, init: bool = True) -> "SpectralAdapter":
+        U, S, Vh = singular_basis("SVF", spec)
+        n = S.shape[0]
+        index = torch.arange(n)
+        return SpectralAdapter(spec, U, S, Vh, rows=index, cols=index, values=torch.ones(n),
+                               multiplicative=True, dropout=self.dropout)
+
+
+class SpectralAdapter(nn.Module):
+    """``ΔW = U·M·Vᵀ`` with M sparse: ``values`` at (``rows``, ``cols``) of an n×n matrix.
+
+    ``multiplicative=True`` (SVF) reads M's diagonal entries as ``σ ⊙ (values − 1)``.
+    """
+
+    def __init__(self, spec: LayerSpec, U, S, Vh, rows, cols, values, multiplicative: bool, dropout: float):
+        super().__init__()
+        self.spec, self.multiplicative = spec, multiplicative
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        factory = dict(device=spec.device, dtype=spec.dtype)
+        # The basis is recomputed on load, not saved (non-persistent); S is saved as the fingerprint.
+        self.register_buffer("U", U.to(**factory).contiguous(), persistent=False)  # (d_out, n)
+        self.register_buffer("Vh", Vh.to(**factory).contiguous(), persistent=False)  # (n, d_in)
+        self.register_buffer("spectrum", S.to(**factory).clone())  # (n,)
+        self.register_buffer("rows", rows.to(spec.device))  # (k,) support of M
+        self.register_buffer("cols", cols.to(spec.device))
+        self.values = nn.Parameter(values.to(**factory).clone())  # (k,)
+        self.diagonal = _is_diagonal(self.rows, self.cols, S.shape[0])
+
+    def coefficients(self) -> torch.Tensor:
+        """M's non-zero entries, (k,)."""
+        if self.multiplicative:
+            return self.spectrum[self.rows] * (self.values - 1)
+        return self.values
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        h = x.to(self.Vh.dtype) @ self.Vh.t()  # (..., n): coordinates in the right singular basis
+        c = self.coefficients()
+        if self.diagonal:
+            h = h * c
+        else:
+            h = torch.zeros_like(h).index_add_(-1, self.rows, h[..., self.cols] * c)
+        if out.dtype != h.dtype:
+            return out + (h @ self.U.t()).to(out.dtype)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.U.t()).view(out.shape)
+
+    def dense(self) -> torch.Tensor:
+        """M as a dense n×n float32 matrix."""
+        n = self.spectrum.shape[0]
+        M = torch.zeros(n, n, device=self.values.device)
+        return M.index_put_((self.rows, self.cols), self.coefficients().float(), accumulate=True)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = U·M·Vᵀ, float32."""
+        return self.U.float() @ self.dense() @ self.Vh.float()
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return {"spectrum": self.spectrum, "rows": self.rows, "cols": self.cols, "values": self.values}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Load M, after checking the saved singular values against this base weight's."""
+        saved = tensors.get("spectrum")
+        if saved is not None and saved.shape == self.spectrum.shape and not torch.allclose(
+                saved.float(), self.spectrum.float(), rtol=1e-4, atol=1e-6 * float(self.spectrum.max())):
+            raise ShapeMismatchError(f"{where}: the base weight's singular values differ from the ones the adapter "
+                                     "was trained on (max rel. diff "
+                                     f"{((saved - self.spectrum).abs() / self.spectrum.abs().clamp_min(1e-12)).max():.2e}); "
+                                     "this is not the base model it was trained on")
+        if "values" in tensors and tensors["values"].shape != self.values.shape:
+            # SVFT's support size is part of the recipe; a different one is a different adapter.
+            raise ShapeMismatchError(f"{where}.values: the file has {tuple(tensors['values'].shape)}, "
+                                     f"the model needs {tuple(self.values.shape)}")
+        load_exported(self, tensors, where)
+        self.diagonal = _is_diagonal(self.rows, self.cols, self.spectrum.shape[0])
+
+
+def _is_diagonal(rows: torch.Tensor, cols: torch.Tensor, n: int) -> bool:
+    """Whether M's support is exactly its diagonal, in order: then M is an elementwise scale, no scatter."""
+    index = torch.arange(n, device=rows.device)
+    return rows.shape == index.shape and torch.equal(rows, index) and torch.equal(cols, index)

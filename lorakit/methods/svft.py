@@ -1,0 +1,78 @@
+"""SVFT (Lingam et al. 2024, arXiv 2405.19597): a sparse trainable M in the weight's singular basis.
+
+    ΔW = U·M·Vᵀ        U (d_out, n), V (d_in, n) frozen singular vectors, n = min(d_out, d_in)
+
+M is zero at init (the base exactly; the reference code starts it random) and trainable only on a
+fixed support Ω:
+  * ``"plain"``:  the diagonal (n parameters);
+  * ``"banded"``: the diagonal and ``width`` off-diagonals on each side, n(2d+1) − d(d+1) parameters;
+  * ``"random"``: the diagonal plus as many distinct random off-diagonal positions as banded has (seeded);
+  * ``"top_k"``:  the diagonal plus the off-diagonal (i, j) of largest alignment |u_iᵀ v_j| (over the
+    first n coordinates when W is not square), as many as banded has.
+Off-diagonal entries depend on the signs of the singular vectors: they are canonical (see svd.py)
+and the saved singular values are checked on reload, so a reload cannot rotate M.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lorakit.errors import ConfigError
+from lorakit.methods.base import LayerSpec, check_dropout, register
+from lorakit.methods.svf import SpectralAdapter, singular_basis
+
+PATTERNS = ("plain", "banded", "random", "top_k")
+
+
+@register
+@dataclass(frozen=True)
+class SVFT:
+    """Sparse trainable M in the singular basis; ``width`` off-diagonals (banded) or their count (random, top_k)."""
+
+    name: ClassVar[str] = "svft"
+    pattern: str = "plain"
+    width: int = 0
+    seed: int = 0  # the random pattern's positions
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.pattern not in PATTERNS:
+            raise ConfigError(f"SVFT: pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 0:
+            raise ConfigError(f"SVFT: width must be an int >= 0, got {self.width!r}")
+        if self.pattern == "plain" and self.width:
+            raise ConfigError("SVFT: the plain pattern is the diagonal; width needs 'banded', 'random' or 'top_k'")
+        check_dropout("SVFT", self.dropout)
+
+    def support(self, U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) of M's trainable entries, diagonal first."""
+        n = U.shape[1]
+        d = min(self.width, n - 1)
+        i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        band = ((i - j).abs() <= d) & (i != j)
+        extra = int(band.sum())  # banded's off-diagonal count: n(2d+1) − d(d+1) − n
+        off = ~torch.eye(n, dtype=torch.bool)
+        if self.pattern in ("plain", "banded"):
+            chosen = band
+        elif self.pattern == "random":
+            g = torch.Generator().manual_seed(self.seed)
+            candidates = off.flatten().nonzero().squeeze(1)
+            picked = candidates[torch.randperm(len(candidates), generator=g)[:extra]]
+            chosen = torch.zeros(n * n, dtype=torch.bool).index_fill_(0, picked, True).view(n, n)
+        else:
+            alignment = (U[:n].t() @ Vh[:, :n].t()).abs().cpu()  # (n, n): |u_iᵀ v_j| on the shared coordinates
+            alignment[~off] = -1
+            picked = alignment.flatten().topk(extra).indices
+            chosen = torch.zeros(n * n, dtype=torch.bool).index_fill_(0, picked, True).view(n, n)
+        rows, cols = chosen.nonzero(as_tuple=True)
+        diagonal = torch.arange(n)
+        return torch.cat([diagonal, rows]), torch.cat([diagonal, cols])
+
+    def build(self, spec: LayerSpec, init: bool = True) -> SpectralAdapter:
+        U, S, Vh = singular_basis("SVFT", spec)
+        rows, cols = self.support(U, Vh)
+        return SpectralAdapter(spec, U, S, Vh, rows=rows, cols=cols, values=torch.zeros(len(rows)),
+                               multiplicative=False, dropout=self.dropout)
