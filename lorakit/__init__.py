@@ -6,6 +6,7 @@
 
 from lorakit.adapt import adapt, enable_lora
 from lorakit.checkpoint import load, save
+from lorakit.compose import combine
 from lorakit.errors import (AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, LorakitError,
                             MergeError, ShapeMismatchError, TargetNotFoundError, UnsupportedLayerError)
 from lorakit.layers import AdaptedLayer
@@ -16,6 +17,6 @@ from lorakit.model import (activate, active_adapters, adapter_names, delete, dis
 __all__ = [
     "AdaptedLayer", "AdapterExistsError", "AdapterFileError", "AdapterNotFoundError", "ConfigError", "DoRA", "LoRA", "LoRAXS",
     "LorakitError", "MergeError", "MiLoRA", "PiSSA", "SVF", "SVFT", "ShapeMismatchError", "TargetNotFoundError", "UnsupportedLayerError", "activate",
-    "active_adapters", "adapt", "adapter_names", "delete", "disabled", "enable_lora", "load", "lora_plus_groups",
+    "active_adapters", "adapt", "adapter_names", "combine", "delete", "disabled", "enable_lora", "load", "lora_plus_groups",
     "merge", "route", "save", "summary", "to_lora", "trainable_parameters", "unload", "unmerge",
 ]
