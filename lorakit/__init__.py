@@ -10,13 +10,14 @@ from lorakit.compose import combine
 from lorakit.errors import (AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, LorakitError,
                             MergeError, ShapeMismatchError, TargetNotFoundError, UnsupportedLayerError)
 from lorakit.layers import AdaptedLayer
-from lorakit.methods import SVF, SVFT, DoRA, LoRA, LoRAXS, MiLoRA, PiSSA
-from lorakit.model import (activate, active_adapters, adapter_names, delete, disabled, lora_plus_groups, merge, route,
-                           summary, to_lora, trainable_parameters, unload, unmerge)
+from lorakit.methods import SVF, SVFT, AdaLoRA, DoRA, LoRA, LoRAXS, MiLoRA, PiSSA
+from lorakit.model import (activate, active_adapters, adapter_names, delete, disabled, lora_plus_groups, merge,
+                           regularization, route, step, summary, to_lora, track, trainable_parameters, unload,
+                           unmerge)
 
 __all__ = [
-    "AdaptedLayer", "AdapterExistsError", "AdapterFileError", "AdapterNotFoundError", "ConfigError", "DoRA", "LoRA", "LoRAXS",
+    "AdaLoRA", "AdaptedLayer", "AdapterExistsError", "AdapterFileError", "AdapterNotFoundError", "ConfigError", "DoRA", "LoRA", "LoRAXS",
     "LorakitError", "MergeError", "MiLoRA", "PiSSA", "SVF", "SVFT", "ShapeMismatchError", "TargetNotFoundError", "UnsupportedLayerError", "activate",
     "active_adapters", "adapt", "adapter_names", "combine", "delete", "disabled", "enable_lora", "load", "lora_plus_groups",
-    "merge", "route", "save", "summary", "to_lora", "trainable_parameters", "unload", "unmerge",
+    "merge", "regularization", "route", "save", "step", "summary", "to_lora", "track", "trainable_parameters", "unload", "unmerge",
 ]

@@ -27,6 +27,7 @@ from lorakit.adapt import attach, kind_of, matches, walk
 from lorakit.errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, ShapeMismatchError
 from lorakit.layers import spec_of
 from lorakit.methods.base import METHODS, recipe_fields
+from lorakit.methods.adalora import AdaLoRA
 from lorakit.methods.dora import DoRA
 from lorakit.methods.lora import LoRA
 from lorakit.model import adapted_layers, adapter_names
@@ -99,7 +100,8 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     default = Counter(recipes.values()).most_common(1)[0][0]
     tensors = {}
     for path, (_, adapter) in entries.items():
-        for suffix, tensor in adapter.export().items():
+        # Adapters that prune themselves (AdaLoRA) write only what they keep, as PEFT does.
+        for suffix, tensor in (adapter.pruned() if hasattr(adapter, "pruned") else adapter.export()).items():
             tensors[f"{PREFIX}{path}.{suffix}"] = tensor
     train_paths = getattr(model, "_lorakit_train", {}).get(name, [])
     for path in train_paths:
@@ -118,8 +120,12 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     }
     if hasattr(default, "peft_config"):
         config.update(default.peft_config())
-        config["rank_pattern"] = _patterns(recipes, "rank", default.rank)
-        config["alpha_pattern"] = _patterns(recipes, "alpha", default.alpha)
+        if hasattr(default, "rank"):
+            config["rank_pattern"] = _patterns(recipes, "rank", default.rank)
+            config["alpha_pattern"] = _patterns(recipes, "alpha", default.alpha)
+        else:  # AdaLoRA: PEFT's rank_pattern lists which triplets each matrix keeps
+            config["rank_pattern"] = {f"{path}.lora_E": adapter.rank_mask.tolist()
+                                      for path, (_, adapter) in entries.items()}
     else:
         config.update({"peft_type": None, "lorakit_version": _version(), "lorakit_method": default.name, "lorakit_recipe": recipe_fields(default),
                        "lorakit_overrides": {p: recipe_fields(r) for p, r in recipes.items() if r != default}})
@@ -165,8 +171,11 @@ def _recipe(config: dict, where: Path):
         if cls is None:
             raise AdapterFileError(f"{where}: unknown lorakit_method {config['lorakit_method']!r}")
         return cls(**config["lorakit_recipe"])
+    if config.get("peft_type") == "ADALORA":
+        return AdaLoRA.from_peft(config)
     if config.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{where}: peft_type {config.get('peft_type')!r} is not supported (LORA is)")
+        raise AdapterFileError(f"{where}: peft_type {config.get('peft_type')!r} is not supported (LORA and "
+                               "ADALORA are)")
     if config.get("lora_bias"):
         raise AdapterFileError(f"{where}: lora_bias adapters are not supported")
     return (DoRA if config.get("use_dora") else LoRA)(
@@ -184,6 +193,8 @@ def _module_recipe(config: dict, default, path: str, tensors: dict[str, torch.Te
     if "lorakit_method" in config:
         fields = config.get("lorakit_overrides", {}).get(path)
         return type(default)(**fields) if fields else default
+    if not hasattr(default, "rank"):
+        return default  # AdaLoRA: a pruned matrix sizes itself from its tensors
     A = tensors.get("lora_A.weight", tensors.get("lora_embedding_A"))
     rank = int(A.shape[0]) if A is not None else default.rank
     alpha = _peft_pattern(config.get("alpha_pattern"), path)

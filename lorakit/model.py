@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from lorakit.errors import AdapterNotFoundError, ConfigError, MergeError
@@ -170,6 +172,38 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     if hasattr(model, "_lorakit_train"):
         del model._lorakit_train
     return model
+
+
+def _by_adapter(model: nn.Module, hook: str, active_only: bool):
+    """(recipe, [adapters]) per adapter name whose recipe has ``hook`` (a method's model-wide behaviour)."""
+    groups: dict[str, tuple[object, list[nn.Module]]] = {}
+    for _, layer in adapted_layers(model):
+        for name, adapter in layer.adapters.items():
+            recipe = layer.recipes[name]
+            if hasattr(recipe, hook) and (name in layer.active or not active_only):
+                groups.setdefault(name, (recipe, []))[1].append(adapter)
+    return list(groups.values())
+
+
+def step(model: nn.Module, step: int) -> None:
+    """Run every adapter's per-step schedule (AdaLoRA's rank allocation) after optimizer step ``step``.
+
+    Call it after ``optimizer.step()`` and before ``optimizer.zero_grad()``: it reads the gradients.
+    """
+    for recipe, adapters in _by_adapter(model, "on_step", active_only=True):
+        recipe.on_step(adapters, step)
+
+
+def track(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Call ``lk.step(model, n)`` automatically after the optimizer's n-th step; returns the hook handle."""
+    count = itertools.count()
+    return optimizer.register_step_post_hook(lambda *_: step(model, next(count)))
+
+
+def regularization(model: nn.Module) -> torch.Tensor:
+    """The sum of the active adapters' training regularisers (AdaLoRA's orthogonality term); add it to the loss."""
+    terms = [recipe.regularization(adapters) for recipe, adapters in _by_adapter(model, "regularization", True)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -58,9 +58,10 @@ METHODS = {
     "svft-banded": lk.SVFT(pattern="banded", width=1),
     "svft-random": lk.SVFT(pattern="random", width=2),
     "svft-top_k": lk.SVFT(pattern="top_k", width=1),
+    "adalora": lk.AdaLoRA(init_rank=4, target_rank=2, total_steps=10, dropout=0.1),
 }
 LINEAR_ONLY = ("pissa", "pissa-niter", "milora", "lora_xs", "svf", "svft-plain", "svft-banded", "svft-random",
-               "svft-top_k")  # SVD of a 2-D weight; other kinds raise (tested below)
+               "svft-top_k", "adalora")  # SVD of a 2-D weight; other kinds raise (tested below)
 
 
 def _model(case) -> nn.Module:
