@@ -254,3 +254,28 @@ def test_grouped_conv_trains_and_routes_but_refuses_to_merge(tmp_path):
     with pytest.raises(lk.MergeError, match="groups"):
         lk.merge(model)
     assert torch.equal(model[0].weight, weight) and model[0].merged == []
+
+
+# Methods with few trainable parameters take larger steps, as in their papers.
+LEARNING_RATES = {"lora_xs": 0.2, "svf": 0.2, "adalora": 0.1, "svft-plain": 0.05, "svft-banded": 0.05,
+                  "svft-random": 0.05, "svft-top_k": 0.05}
+
+
+@pytest.mark.parametrize("key", METHODS)
+def test_every_method_learns(key):
+    """20 steps on a counting task a random base cannot do: the loss must fall for every method."""
+    from conftest import tiny_llama
+
+    model = lk.adapt(tiny_llama(), dataclasses.replace(METHODS[key], dropout=0.0), "all-linear")
+    data = (torch.randint(0, VOCAB, (8, 1), generator=torch.Generator().manual_seed(0)) + torch.arange(12)) % VOCAB
+    optimizer = torch.optim.AdamW(lk.trainable_parameters(model), lr=LEARNING_RATES.get(key, 1e-2))
+    lk.track(model, optimizer)
+    model.train()
+    losses = []
+    for _ in range(20):
+        loss = model(input_ids=data, labels=data).loss
+        (loss + lk.regularization(model)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
