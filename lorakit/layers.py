@@ -138,7 +138,8 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.route: list[str | None] | None = None
-        self._route_cache: tuple | None = None
+        self._route_cache: tuple | None = None  # (names, index, stacks) for one lk.route block, no grad
+        self._stack_cache: tuple | None = None  # (key, tensors, stacks): reused across blocks, see _stacked
         self.register_buffer("original_weight", None, persistent=False)  # kept while merged
 
     # --- building -----------------------------------------------------------------------------
@@ -156,6 +157,7 @@ class AdaptedLayer(nn.Module):
             raise AdapterExistsError(f"{self.path} already has an adapter named {name!r}")
         self.adapters[name] = adapter
         self.recipes[name] = recipe
+        self._stack_cache = None
 
     def delete(self, name: str) -> None:
         if name in self.merged:
@@ -164,6 +166,7 @@ class AdaptedLayer(nn.Module):
             self.merge(keep)
         del self.adapters[name]
         del self.recipes[name]
+        self._stack_cache = None
         self.active = [n for n in self.active if n != name]
 
     # --- forward ------------------------------------------------------------------------------
@@ -192,20 +195,24 @@ class AdaptedLayer(nn.Module):
         """Row i of the batch gets adapter route[i] (None or absent here = the base)."""
         if x.shape[0] != len(self.route):
             raise ConfigError(f"{self.path}: lk.route was given {len(self.route)} names for a batch of {x.shape[0]}")
-        names = sorted({n for n in self.route if n is not None and n in self.adapters})
+        grad = torch.is_grad_enabled()
+        if self._route_cache is None or grad:
+            names = sorted({n for n in self.route if n is not None and n in self.adapters})
+            index = stacks = None
+            if names:
+                slot = {n: i + 1 for i, n in enumerate(names)}  # slot 0 is the base
+                index = torch.tensor([slot.get(n, 0) for n in self.route], device=x.device)
+                stacks = self._stacked([self.adapters[n] for n in names], grad)
+            # Inference reuses names, row index and stacks for the whole `with lk.route(...)` block;
+            # training restacks every call so gradients reach the live parameters.
+            self._route_cache = None if grad else (names, index, stacks)
+        else:
+            names, index, stacks = self._route_cache
         if not names:
             return out
-        slot = {n: i + 1 for i, n in enumerate(names)}  # slot 0 is the base
-        index = torch.tensor([slot.get(n, 0) for n in self.route], device=x.device)
-        factors = [self.adapters[n].factors() if hasattr(self.adapters[n], "factors") else None for n in names]
-        if any(f is None for f in factors):
+        if stacks is None:
             return self._routed_loop(x, out, names, index)
-        if self._route_cache is None or torch.is_grad_enabled():
-            cache = _stack_factors(factors, [self.adapters[n] for n in names])
-            # Inference reuses the stacks for the whole `with lk.route(...)` block; training restacks
-            # every call so gradients reach the live parameters.
-            self._route_cache = None if torch.is_grad_enabled() else cache
-        A, B, p = cache if self._route_cache is None else self._route_cache
+        A, B, p = stacks
         A_rows, B_rows = A[index], B[index]  # (b, R, d_in), (b, d_out, R)
         b = x.shape[0]
         if self.kind.kind == "embedding":
@@ -219,6 +226,33 @@ class AdaptedLayer(nn.Module):
             h = torch.bmm(h, A_rows.transpose(1, 2))  # (b, T, R)
         delta = torch.bmm(h, B_rows.transpose(1, 2))  # (b, T, d_out)
         return out + delta.view(out.shape).to(out.dtype)
+
+    def _stacked(self, adapters: list[nn.Module], grad: bool) -> tuple | None:
+        """Stacked (A, s·B, dropout p) of ``adapters``; None if one has no low-rank factors (conv, DoRA...).
+
+        Without grad the stacks outlive the ``lk.route`` block: the next block reuses them while every
+        adapter holds the same tensor objects at the same storage and version (any in-place update,
+        optimizer step, load or ``.to()`` changes one of these), so mixed batches that change per call
+        do not restack every adapter of every layer (which cost more than the routed matmuls).
+        """
+        key = tensors = None
+        if not grad:
+            tensors = [t for a in adapters for t in _own_tensors(a, []) if t is not None]
+            try:
+                key = (tuple(map(id, adapters)), tuple(map(id, tensors)), tuple(t._version for t in tensors),
+                       tuple(t.data_ptr() for t in tensors), tuple(getattr(a, "scale", None) for a in adapters),
+                       tuple(getattr(a, "dropout_p", None) for a in adapters))
+            except RuntimeError:  # inference-mode tensors keep no version: restack every block
+                key = None
+            cached = getattr(self, "_stack_cache", None)  # it holds the objects alive, so their ids stay unique
+            if key is not None and cached is not None and cached[0] == key:
+                return cached[2]
+        factors = [a.factors() if hasattr(a, "factors") else None for a in adapters]
+        if any(f is None for f in factors):
+            return None
+        stacks = _stack_factors(factors, adapters)
+        self._stack_cache = None if key is None else (key, (adapters, tensors), stacks)
+        return stacks
 
     def _routed_loop(self, x, out, names, index):
         """Routing for adapters without low-rank factors (conv, other methods): one call per adapter."""
@@ -267,6 +301,16 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{type(self.base).__name__}, adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
+
+
+def _own_tensors(module: nn.Module, out: list) -> list:
+    """``module``'s parameters and buffers, its submodules' included (a cheap walk, no names)."""
+    out.extend(module._parameters.values())
+    out.extend(module._buffers.values())
+    for child in module._modules.values():
+        if child is not None:
+            _own_tensors(child, out)
+    return out
 
 
 def _stack_factors(factors, adapters) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

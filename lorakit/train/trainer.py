@@ -1,0 +1,459 @@
+"""The fine-tuning loop behind ``lorakit finetune``: one readable function, top to bottom.
+
+    data → adapt → evaluate (before) → [step: micro-batches → clip → AdamW → schedule → lk.step]
+         → checkpoints, validation loss → save adapter → evaluate (after) → report
+
+Loss is computed only where there are labels: the output head and cross-entropy run on the
+completion positions (for prompt/completion data most positions are prompt), in chunks, so the
+full-vocabulary logits of the whole batch are never held. Under ``torchrun`` the global batch is
+split across processes (DDP, gloo on CPU, nccl on GPU), so the loss equals a one-process run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import lorakit as lk
+from lorakit.checkpoint import atomic_write
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.train import data as data_mod
+from lorakit.train import models, tasks
+from lorakit.train.config import FinetuneConfig
+
+HEAD_CHUNK = 2048  # label positions per output-head chunk
+
+
+class TrainingError(LorakitError, RuntimeError):
+    """Training cannot go on (a NaN/Inf loss); the message says what was kept."""
+
+
+def recipe(config) -> object:
+    """The ``lk`` method a config names."""
+    r, a, p = config.rank, config.alpha, config.dropout
+    makers = {
+        "lora": lambda: lk.LoRA(rank=r, alpha=a, dropout=p), "rslora": lambda: lk.LoRA(rank=r, alpha=a, dropout=p,
+                                                                                          rslora=True),
+        "dora": lambda: lk.DoRA(rank=r, alpha=a, dropout=p), "pissa": lambda: lk.PiSSA(rank=r, alpha=a, dropout=p),
+        "milora": lambda: lk.MiLoRA(rank=r, alpha=a, dropout=p),
+        "lora_xs": lambda: lk.LoRAXS(rank=r, alpha=a, dropout=p), "svf": lambda: lk.SVF(dropout=p),
+        "svft": lambda: lk.SVFT(pattern=config.svft_pattern, width=config.svft_width, dropout=p),
+        "adalora": lambda: lk.AdaLoRA(init_rank=r, target_rank=min(config.target_rank, r),
+                                      total_steps=config.steps, tinit=config.steps // 10,
+                                      tfinal=config.steps // 5, alpha=a, dropout=p),
+    }
+    if config.method not in makers:
+        raise ConfigError(f"unknown method {config.method!r}; choose from {', '.join(makers)}")
+    return makers[config.method]()
+
+
+def targets_of(text: str):
+    """--targets: 'all-linear', a comma-separated name list, or a regex (anything with regex characters)."""
+    if text == "all-linear" or any(c in text for c in "()[]*+?|\\^$"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# --- data ----------------------------------------------------------------------------------------
+def datasets(config, tokenizer):
+    """(train, evaluation, validation): Tokenized training data, (prompt, target) pairs for exact match
+    (a prompt is raw text, or a list of chat messages to render with the chat template), Tokenized
+    held-out data for the validation loss."""
+    if config.data:
+        records = data_mod.read(config.data)
+        if config.eval_data:
+            held_out = data_mod.read(config.eval_data)
+        else:
+            random.Random(config.seed).shuffle(records)
+            cut = max(1, int(len(records) * config.val_fraction))
+            held_out, records = records[:cut], records[cut:]
+        evaluation = [(r["prompt"], r["completion"]) if "prompt" in r else
+                      (r["messages"][:-1], r["messages"][-1]["content"]) for r in held_out if "text" not in r]
+        return (data_mod.tokenize(records, tokenizer, config.max_length), evaluation[:config.eval_examples],
+                data_mod.tokenize(held_out, tokenizer, config.max_length))
+    train, held_out = tasks.split(config.task, config.train_examples, config.eval_examples, config.seed)
+    evaluation = [(e.messages()[:-1], e.completion) for e in held_out]
+    return (data_mod.tokenize([{"messages": e.messages()} for e in train], tokenizer, config.max_length),
+            evaluation, data_mod.tokenize([{"messages": e.messages()} for e in held_out[:64]], tokenizer,
+                                          config.max_length))
+
+
+# --- loss and evaluation -------------------------------------------------------------------------
+class CompletionLoss(torch.nn.Module):
+    """Mean cross-entropy over label positions, with the output head run on those positions only.
+
+    A module (not a function) so DDP can wrap it: its forward is the whole differentiable step.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
+        model, labels = self.model, labels[:, 1:]
+        keep = labels != data_mod.IGNORE
+        body, head = getattr(model, "base_model", None), model.get_output_embeddings()
+        if body is None or body is model or head is None:  # not a transformers LM: let the model do it
+            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.cat(
+                [labels.new_full((len(labels), 1), data_mod.IGNORE), labels], 1))
+            return out.loss, int(keep.sum())
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden, targets = hidden[:, :-1][keep], labels[keep]  # (N, H), (N,): positions that predict a label
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(targets), HEAD_CHUNK):
+            logits = head(hidden[start:start + HEAD_CHUNK]).float()  # (chunk, vocab), never the whole batch
+            total = total + F.cross_entropy(logits, targets[start:start + HEAD_CHUNK], reduction="sum")
+        return total / max(len(targets), 1), len(targets)
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """The text the model continues: chat messages through the chat template, raw text as it is."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers to ``prompts``, decoded in batches of similar length with the KV cache."""
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    answers: list[str] = [""] * len(texts)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # left padding: every row ends at its prompt
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            for i, row in zip(index, out[:, batch["input_ids"].shape[1]:]):
+                answers[i] = tokenizer.decode(row, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers
+
+
+def accuracy(model, tokenizer, examples, config) -> tuple[float, list[dict]]:
+    """Exact-match accuracy (%) on (prompt, target) ``examples`` and the individual predictions."""
+    answers = generate(model, tokenizer, [p for p, _ in examples], config.max_new_tokens, config.eval_batch_size)
+    rows = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "target": t, "answer": a,
+             "correct": tasks.exact_match(a, t)} for (p, t), a in zip(examples, answers)]
+    return 100.0 * sum(r["correct"] for r in rows) / max(len(rows), 1), rows
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
+    """Mean completion loss over ``examples`` (Tokenized examples), in eval mode."""
+    was_training = model.training
+    model.eval()
+    total = count = 0
+    loss_of = CompletionLoss(model)
+    for start in range(0, len(examples), batch_size):
+        loss, n = loss_of(**data_mod.collate(examples[start:start + batch_size], pad_id))
+        total, count = total + loss.item() * n, count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+def _trained_state(model) -> dict[str, torch.Tensor]:
+    """Every tensor training changes: adapter parameters and buffers, and train= modules."""
+    trained = {id(p) for p in lk.trainable_parameters(model)}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict(keep_vars=True).items()
+            if ".adapters." in k or id(v) in trained}
+
+
+def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, position: tuple[int, int], keep: int) -> Path:
+    """Write checkpoint ``step`` atomically (a temp directory renamed) and keep the last ``keep``."""
+    final = run / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trained_state(model), str(tmp / "adapter_state.safetensors"))
+    torch.save({"step": step, "epoch": position[0], "batch": position[1], "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted((run / "checkpoints").glob("step-*"))[:-keep or None]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = sorted((run / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore a checkpoint into the adapted model and optimizer; returns the trainer state."""
+    if not (path / "trainer_state.pt").is_file():
+        raise ConfigError(f"{path} is not a lorakit checkpoint (no trainer_state.pt)")
+    tensors = load_file(str(path / "adapter_state.safetensors"))
+    state = model.state_dict()
+    bad = sorted(k for k, v in tensors.items() if k not in state or state[k].shape != v.shape)
+    if bad:
+        raise ConfigError(f"{path}: checkpoint does not fit this model/method ({bad[:3]}...): same settings needed")
+    model.load_state_dict(tensors, strict=False)
+    trainer = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["torch_rng"])
+    return trainer
+
+
+# --- the run ---------------------------------------------------------------------------------------
+def _distributed(config) -> tuple[int, int]:
+    """(rank, world size), initialising torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or config.strategy == "none":
+        return 0, 1
+    if config.strategy == "fsdp":
+        raise ConfigError("--strategy fsdp is not available yet; use ddp")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _schedule(config):
+    warmup, total = config.warmup_steps, config.steps
+
+    def factor(step: int) -> float:  # linear warm-up, then cosine to zero
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    return factor
+
+
+def finetune(config: FinetuneConfig, log=print) -> dict:
+    """Run a fine-tuning job; returns the summary (accuracy before/after, figures, paths)."""
+    config.check()
+    rank, world = _distributed(config)
+    main = rank == 0
+    say = log if main else (lambda *_: None)
+    if config.batch_size % (world * config.grad_accum):
+        raise ConfigError(f"--batch-size {config.batch_size} must divide by processes x --grad-accum "
+                          f"({world} x {config.grad_accum})")
+    run = Path(config.out)
+    started = time.time()
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    model, tokenizer = models.load(config.model, log=say)
+    train, evaluation, validation = datasets(config, tokenizer)
+    if not train.examples:
+        raise ConfigError("no training examples left after tokenizing (all too long?)")
+    say(f"data: {len(train.examples)} training examples ({train.truncated} truncated, {train.dropped} dropped), "
+        f"{len(evaluation)} held out for evaluation")
+
+    before = None
+    if main and not config.skip_eval_before and evaluation:
+        before, _ = accuracy(model, tokenizer, evaluation, config)
+        say(f"accuracy before: {before:.1f}%")
+
+    lk.adapt(model, recipe(config), targets_of(config.targets))
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = lk.trainable_parameters(model)
+    groups = (lk.lora_plus_groups(model, config.lr, config.lora_plus_ratio, config.weight_decay)
+              if config.lora_plus_ratio > 0 else [{"params": params, "weight_decay": config.weight_decay}])
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    trainable, total_params = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    say(f"{config.method} on {config.targets}: {trainable:,} trainable of {total_params:,} parameters "
+        f"({100 * trainable / total_params:.3f}%)")
+
+    step, epoch, position = 0, 0, 0
+    if config.resume:
+        path = latest_checkpoint(run) if config.resume == "auto" else Path(config.resume)
+        if path is None:
+            raise ConfigError(f"--resume auto: no checkpoint in {run / 'checkpoints'}")
+        state = load_checkpoint(path, model, optimizer, scheduler)
+        step, epoch, position = state["step"], state["epoch"], state["batch"]
+        say(f"resumed from {path} at step {step}")
+
+    loss_of = CompletionLoss(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        loss_of = DistributedDataParallel(loss_of)
+    run.mkdir(parents=True, exist_ok=True)
+    metrics = open(run / "metrics.jsonl", "a" if config.resume else "w") if main else None
+
+    def record(**row):
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    micro = config.batch_size // (world * config.grad_accum)
+    pad_id = tokenizer.pad_token_id
+    autocast = torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
+                              enabled=config.bf16)
+    batches = data_mod.batch_order(train.examples, config.batch_size, epoch, config.seed)
+    progress = _progress(config.steps, step, main)
+    tokens_seen, t0, last_good = 0, time.time(), latest_checkpoint(run)
+    interrupted = False
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    model.train()
+    try:
+        while step < config.steps:
+            if position >= len(batches):
+                epoch, position = epoch + 1, 0
+                batches = data_mod.batch_order(train.examples, config.batch_size, epoch, config.seed)
+            batch_ids = batches[position]
+            # This process's share of the global batch, in grad_accum micro-batches.
+            mine = batch_ids[rank * micro * config.grad_accum:(rank + 1) * micro * config.grad_accum]
+            labelled = sum(sum(1 for x in train.examples[i]["labels"][1:] if x != data_mod.IGNORE)
+                           for i in batch_ids)
+            step_loss = torch.zeros(())
+            for m in range(config.grad_accum):
+                batch = data_mod.collate([train.examples[i] for i in mine[m * micro:(m + 1) * micro]], pad_id)
+                with autocast:
+                    loss, n = loss_of(**batch)
+                # Weight by label count so the step's loss is the mean over the whole global batch.
+                scaled = loss * n * world / labelled
+                (scaled + lk.regularization(model) / config.grad_accum).backward()
+                step_loss += scaled.detach()
+                tokens_seen += int(batch["attention_mask"].sum())
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(step_loss)
+                step_loss /= world
+            if not torch.isfinite(step_loss):
+                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+                raise TrainingError(f"loss is {step_loss.item()} at step {step + 1}; stopping ({kept})")
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            lk.step(model, step)
+            optimizer.zero_grad(set_to_none=True)
+            step, position = step + 1, position + 1
+            rate = tokens_seen * world / max(time.time() - t0, 1e-9)
+            record(step=step, loss=step_loss.item(), lr=scheduler.get_last_lr()[0], tokens_per_s=rate)
+            progress.update(step_loss.item(), rate)
+            if main and config.val_every and step % config.val_every == 0 and validation.examples:
+                record(step=step, val_loss=validation_loss(model, validation.examples, pad_id, config.eval_batch_size))
+            if main and config.save_every and step % config.save_every == 0 and step < config.steps:
+                last_good = save_checkpoint(run, step, model, optimizer, scheduler, (epoch, position),
+                                            config.keep_last)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        progress.close()
+    if main:
+        path = save_checkpoint(run, step, model, optimizer, scheduler, (epoch, position), config.keep_last)
+    if interrupted:
+        say(f"interrupted at step {step}: checkpoint {path}; continue with --resume auto")
+        raise KeyboardInterrupt
+    seconds = time.time() - started
+    summary = {"task": config.task if not config.data else Path(config.data).name, "steps": step}
+    if main:
+        lk.save(model, run / "adapter")
+        after, rows = accuracy(model, tokenizer, evaluation, config) if evaluation else (None, [])
+        with open(run / "predictions.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        record(accuracy_before=before, accuracy_after=after)
+        metrics.close()
+        summary.update(accuracy_before=before, accuracy_after=after, eval_examples=len(evaluation),
+                       trainable=trainable, total=total_params, seconds=seconds,
+                       tokens_per_s=tokens_seen * world / max(time.time() - t0, 1e-9),
+                       peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                       truncated=train.truncated, dropped=train.dropped, adapter=str(run / "adapter"))
+        _plot(run)
+        _report(run, config, summary)
+    return summary
+
+
+class _progress:
+    """A tqdm bar with loss and tokens/s (silent on other ranks or without tqdm)."""
+
+    def __init__(self, total: int, done: int, show: bool):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        self.bar = tqdm(total=total, initial=done, desc="training", unit="step", disable=not show,
+                        file=sys.stderr) if tqdm else None
+
+    def update(self, loss: float, rate: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _plot(run: Path) -> None:
+    """loss.png: training loss per step and validation loss (needs matplotlib; skipped without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(run / "loss.png", lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def _report(run: Path, config: FinetuneConfig, s: dict) -> None:
+    def pct(v):
+        return "-" if v is None else f"{v:.1f}%"
+
+    text = f"""# lorakit finetune report
+
+| | |
+|---|---|
+| task | {s['task']} ({s['eval_examples']} held-out examples, exact match) |
+| accuracy before | {pct(s['accuracy_before'])} |
+| accuracy after | {pct(s['accuracy_after'])} |
+| method | {config.method}, rank {config.rank}, alpha {config.alpha}, targets {config.targets} |
+| trainable parameters | {s['trainable']:,} of {s['total']:,} ({100 * s['trainable'] / s['total']:.3f}%) |
+| steps × batch | {s['steps']} × {config.batch_size} |
+| time | {s['seconds']:.0f} s |
+| tokens/s (training) | {s['tokens_per_s']:,.0f} |
+| peak memory (RSS) | {s['peak_memory_mb']:,.0f} MB |
+| examples truncated / dropped | {s['truncated']} / {s['dropped']} |
+| adapter | `{s['adapter']}` |
+
+Command: `{' '.join(sys.argv)}`
+
+Settings: `{json.dumps(asdict(config))}`
+"""
+    atomic_write(run / "report.md", lambda p: p.write_text(text))
