@@ -1,30 +1,34 @@
-# Set-up and the two commands of README.md. `make demo` runs the main job, `make test` the tests.
+# Set-up and the two commands of README.md: `make finetune` runs the main job, `make test` the tests.
 # torch==2.13.0 is installed first, on its own: that pin takes the CPU build (a bare `torch` would
 # pull a multi-GB CUDA build); the project's `torch>=2.2` range is then already satisfied.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-fast bench clean
+.PHONY: finetune demo test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e '.[train,test,bench]'
 	touch $@
+
+finetune: $(VENV)/.installed
+	$(VENV)/bin/lorakit finetune $(ARGS)
 
 demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
-
-test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_methods.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
