@@ -197,14 +197,16 @@ def test_other_methods_train_from_the_loop(tiny_dir, tmp_path, method):
     assert (tmp_path / method / "adapter/adapter_config.json").is_file() and summary["steps"] == 4
 
 
-def test_ddp_two_processes_match_one(tiny_dir, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(tiny_dir, tmp_path, strategy):
     """Two gloo processes splitting each global batch give one process's losses (float sums differ in order)."""
     args = ["finetune", "--model", str(tiny_dir), "--steps", "4", "--batch-size", "4", "--train-examples", "40",
             "--eval-examples", "4", "--max-new-tokens", "4", "--skip-eval-before", "--val-every", "0",
             "--save-every", "2", "--lr", "1e-2", "--dropout", "0.0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "lorakit", *args,
-                    "--out", str(tmp_path / "ddp")], check=True, env=env, capture_output=True, cwd=ROOT)
+                    "--strategy", strategy, "--out", str(tmp_path / "ddp")], check=True, env=env, capture_output=True,
+                   cwd=ROOT)
     subprocess.run([sys.executable, "-m", "lorakit", *args, "--out", str(tmp_path / "one")], check=True, env=env,
                    capture_output=True, cwd=ROOT)
     assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)

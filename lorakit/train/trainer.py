@@ -172,21 +172,30 @@ def validation_loss(model, examples: list[dict], pad_id: int, batch_size: int) -
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-def _trained_state(model) -> dict[str, torch.Tensor]:
-    """Every tensor training changes: adapter parameters and buffers, and train= modules."""
-    trained = {id(p) for p in lk.trainable_parameters(model)}
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict(keep_vars=True).items()
-            if ".adapters." in k or id(v) in trained}
+def _full_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(every tensor training changes, optimizer state), whole and on CPU.
+
+    Collective under FSDP (every process must call it); the optimizer state is keyed by parameter
+    name, so a checkpoint of any strategy resumes under any other, one process included.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    model_state, optimizer_state = get_state_dict(model, optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items() if ".adapters." in k or k in trained}
+    return tensors, optimizer_state
 
 
-def save_checkpoint(run: Path, step: int, model, optimizer, scheduler, position: tuple[int, int], keep: int) -> Path:
-    """Write checkpoint ``step`` atomically (a temp directory renamed) and keep the last ``keep``."""
+def save_checkpoint(run: Path, step: int, state: tuple[dict, dict], scheduler, position: tuple[int, int],
+                    keep: int) -> Path:
+    """Write checkpoint ``step`` (``state`` from ``_full_state``) atomically and keep the last ``keep``."""
     final = run / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_trained_state(model), str(tmp / "adapter_state.safetensors"))
-    torch.save({"step": step, "epoch": position[0], "batch": position[1], "optimizer": optimizer.state_dict(),
+    save_file(state[0], str(tmp / "adapter_state.safetensors"))
+    torch.save({"step": step, "epoch": position[0], "batch": position[1], "optimizer": state[1],
                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -209,27 +218,45 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     bad = sorted(k for k, v in tensors.items() if k not in state or state[k].shape != v.shape)
     if bad:
         raise ConfigError(f"{path}: checkpoint does not fit this model/method ({bad[:3]}...): same settings needed")
-    model.load_state_dict(tensors, strict=False)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
     trainer = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=tensors, optim_state_dict=trainer["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["torch_rng"])
     return trainer
 
 
 # --- the run ---------------------------------------------------------------------------------------
-def _distributed(config) -> tuple[int, int]:
-    """(rank, world size), initialising torch.distributed under torchrun."""
+def _distributed(config) -> tuple[int, int, str]:
+    """(rank, world size, strategy), initialising torch.distributed under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or config.strategy == "none":
-        return 0, 1
-    if config.strategy == "fsdp":
-        raise ConfigError("--strategy fsdp is not available yet; use ddp")
+        return 0, 1, "none"
+    if config.strategy == "fsdp" and config.method == "adalora":
+        raise ConfigError("AdaLoRA's rank allocator needs whole matrices; use --strategy ddp")
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
+    return dist.get_rank(), world, "fsdp" if config.strategy == "fsdp" else "ddp"
+
+
+def _shard(model) -> None:
+    """FSDP2: shard each transformer block (where the adapters live); the frozen rest stays replicated."""
+    from torch.distributed.fsdp import fully_shard
+
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in kinds]
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    if not blocks or outside:
+        raise ConfigError("--strategy fsdp shards transformer blocks; "
+                          + (f"trainable {outside[0]} lies outside them" if blocks else "this model names none")
+                          + ": use --strategy ddp")
+    for block in blocks:
+        fully_shard(block)
 
 
 def _schedule(config):
@@ -246,7 +273,7 @@ def _schedule(config):
 def finetune(config: FinetuneConfig, log=print) -> dict:
     """Run a fine-tuning job; returns the summary (accuracy before/after, figures, paths)."""
     config.check()
-    rank, world = _distributed(config)
+    rank, world, strategy = _distributed(config)
     main = rank == 0
     say = log if main else (lambda *_: None)
     if config.batch_size % (world * config.grad_accum):
@@ -272,12 +299,15 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
     lk.adapt(model, recipe(config), targets_of(config.targets))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = sum(p.numel() for p in lk.trainable_parameters(model))
+    total_params = sum(p.numel() for p in model.parameters())
+    if strategy == "fsdp":
+        _shard(model)  # before the optimizer sees the parameters: they become shards
     params = lk.trainable_parameters(model)
     groups = (lk.lora_plus_groups(model, config.lr, config.lora_plus_ratio, config.weight_decay)
               if config.lora_plus_ratio > 0 else [{"params": params, "weight_decay": config.weight_decay}])
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
-    trainable, total_params = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     say(f"{config.method} on {config.targets}: {trainable:,} trainable of {total_params:,} parameters "
         f"({100 * trainable / total_params:.3f}%)")
 
@@ -291,7 +321,7 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
         say(f"resumed from {path} at step {step}")
 
     loss_of = CompletionLoss(model)
-    if world > 1:
+    if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         loss_of = DistributedDataParallel(loss_of)
@@ -351,24 +381,30 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
             rate = tokens_seen * world / max(time.time() - t0, 1e-9)
             record(step=step, loss=step_loss.item(), lr=scheduler.get_last_lr()[0], tokens_per_s=rate)
             progress.update(step_loss.item(), rate)
-            if main and config.val_every and step % config.val_every == 0 and validation.examples:
+            # Under FSDP every process takes part in each forward, so all of them validate.
+            if (main or strategy == "fsdp") and config.val_every and step % config.val_every == 0 and validation.examples:
                 record(step=step, val_loss=validation_loss(model, validation.examples, pad_id, config.eval_batch_size))
-            if main and config.save_every and step % config.save_every == 0 and step < config.steps:
-                last_good = save_checkpoint(run, step, model, optimizer, scheduler, (epoch, position),
-                                            config.keep_last)
+            if config.save_every and step % config.save_every == 0 and step < config.steps:
+                state = _full_state(model, optimizer)
+                if main:
+                    last_good = save_checkpoint(run, step, state, scheduler, (epoch, position), config.keep_last)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         signal.signal(signal.SIGINT, previous)
         progress.close()
-    if main:
-        path = save_checkpoint(run, step, model, optimizer, scheduler, (epoch, position), config.keep_last)
+    state = _full_state(model, optimizer)
+    path = save_checkpoint(run, step, state, scheduler, (epoch, position), config.keep_last) if main else None
     if interrupted:
         say(f"interrupted at step {step}: checkpoint {path}; continue with --resume auto")
         raise KeyboardInterrupt
     seconds = time.time() - started
     summary = {"task": config.task if not config.data else Path(config.data).name, "steps": step}
     if main:
+        if strategy == "fsdp":  # evaluate and save a whole copy: the trained one is sharded across processes
+            model, _ = models.load(config.model, log=say)
+            lk.adapt(model, recipe(config), targets_of(config.targets))
+            model.load_state_dict(state[0], strict=False)
         lk.save(model, run / "adapter")
         after, rows = accuracy(model, tokenizer, evaluation, config) if evaluation else (None, [])
         with open(run / "predictions.jsonl", "w") as f:
