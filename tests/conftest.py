@@ -79,6 +79,30 @@ def randomize(model: nn.Module, name: str | None = None, std: float = 0.1, seed:
                         p.add_(torch.randn(p.shape, generator=g) * std)
 
 
+def train_side_by_side(sides, x: torch.Tensor, steps: int, lr: float = 1e-2) -> list[list[float]]:
+    """Copy the first side's trainable tensors into the others (``sides``: (model, {key: parameter}) with
+    matching keys), train each with AdamW on ``x``; returns each side's losses."""
+    reference = sides[0][1]
+    with torch.no_grad():
+        for _, params in sides[1:]:
+            assert params.keys() == reference.keys()
+            for key, p in reference.items():
+                params[key].copy_(p)
+    runs = []
+    for model, params in sides:
+        model.train()
+        optimizer = torch.optim.AdamW(params.values(), lr=lr)
+        losses = []
+        for _ in range(steps):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        runs.append(losses)
+    return runs
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit import svd
-from conftest import randomize, tiny_gpt2, tiny_llama, tiny_unet, token_ids
+from conftest import randomize, train_side_by_side, tiny_gpt2, tiny_llama, tiny_unet, token_ids
 
 peft = pytest.importorskip("peft")
 
@@ -187,22 +187,7 @@ def test_dora_training_follows_peft():
                   .removesuffix(".weight"): p for n, p in ours.named_parameters() if p.requires_grad}
     theirs_named = {n.removeprefix("base_model.model.").replace(".default.weight", "").replace(".default", ""): p
                     for n, p in theirs.named_parameters() if p.requires_grad}
-    assert ours_named.keys() == theirs_named.keys()
-    with torch.no_grad():
-        for key, p in ours_named.items():
-            theirs_named[key].copy_(p)
-    runs = []
-    for model, params in ((ours, ours_named), (theirs, theirs_named)):
-        model.train()
-        optimizer = torch.optim.AdamW(params.values(), lr=1e-2)
-        losses = []
-        for _ in range(4):
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        runs.append(losses)
+    runs = train_side_by_side([(ours, ours_named), (theirs, theirs_named)], x, steps=4)
     assert runs[0] == pytest.approx(runs[1], abs=1e-5)
 
 

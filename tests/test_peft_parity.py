@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from conftest import randomize, tiny_gpt2, tiny_llama, tiny_unet, token_ids
+from conftest import randomize, train_side_by_side, tiny_gpt2, tiny_llama, tiny_unet, token_ids
 
 peft = pytest.importorskip("peft")
 
@@ -131,22 +131,7 @@ def test_training_follows_the_same_trajectory_as_peft():
                   if p.requires_grad}
     theirs_named = {n.removeprefix("base_model.model.").replace(".default.weight", ""): p
                     for n, p in theirs.named_parameters() if p.requires_grad}
-    assert ours_named.keys() == theirs_named.keys()
-    with torch.no_grad():
-        for key, p in ours_named.items():
-            theirs_named[key].copy_(p)
-    runs = []
-    for model, params in ((ours, ours_named), (theirs, theirs_named)):
-        model.train()
-        optimizer = torch.optim.AdamW(params.values(), lr=1e-2)
-        losses = []
-        for _ in range(5):
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        runs.append(losses)
+    runs = train_side_by_side([(ours, ours_named), (theirs, theirs_named)], x, steps=5)
     assert runs[0] == pytest.approx(runs[1], abs=1e-5)
     for key, p in ours_named.items():
         torch.testing.assert_close(p, theirs_named[key], atol=1e-5, rtol=1e-4)

@@ -393,12 +393,12 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
     finally:
         signal.signal(signal.SIGINT, previous)
         progress.close()
+    train_seconds = time.time() - t0
     state = _full_state(model, optimizer)
     path = save_checkpoint(run, step, state, scheduler, (epoch, position), config.keep_last) if main else None
     if interrupted:
         say(f"interrupted at step {step}: checkpoint {path}; continue with --resume auto")
         raise KeyboardInterrupt
-    seconds = time.time() - started
     summary = {"task": config.task if not config.data else Path(config.data).name, "steps": step}
     if main:
         if strategy == "fsdp":  # evaluate and save a whole copy: the trained one is sharded across processes
@@ -406,14 +406,17 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
             lk.adapt(model, recipe(config), targets_of(config.targets))
             model.load_state_dict(state[0], strict=False)
         lk.save(model, run / "adapter")
+        t1 = time.time()
         after, rows = accuracy(model, tokenizer, evaluation, config) if evaluation else (None, [])
+        eval_seconds = time.time() - t1
         with open(run / "predictions.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         record(accuracy_before=before, accuracy_after=after)
         metrics.close()
         summary.update(accuracy_before=before, accuracy_after=after, eval_examples=len(evaluation),
-                       trainable=trainable, total=total_params, seconds=seconds,
-                       tokens_per_s=tokens_seen * world / max(time.time() - t0, 1e-9),
+                       trainable=trainable, total=total_params, seconds=time.time() - started,
+                       train_seconds=train_seconds, eval_seconds=eval_seconds,
+                       tokens_per_s=tokens_seen * world / max(train_seconds, 1e-9),
                        peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                        truncated=train.truncated, dropped=train.dropped, adapter=str(run / "adapter"))
         _plot(run)
@@ -482,7 +485,7 @@ def _report(run: Path, config: FinetuneConfig, s: dict) -> None:
 | method | {config.method}, rank {config.rank}, alpha {config.alpha}, targets {config.targets} |
 | trainable parameters | {s['trainable']:,} of {s['total']:,} ({100 * s['trainable'] / s['total']:.3f}%) |
 | steps × batch | {s['steps']} × {config.batch_size} |
-| time | {s['seconds']:.0f} s |
+| time | {s['seconds']:.0f} s (training {s['train_seconds']:.0f} s, evaluation after {s['eval_seconds']:.0f} s) |
 | tokens/s (training) | {s['tokens_per_s']:,.0f} |
 | peak memory (RSS) | {s['peak_memory_mb']:,.0f} MB |
 | examples truncated / dropped | {s['truncated']} / {s['dropped']} |
