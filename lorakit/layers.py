@@ -139,7 +139,7 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self.route: list[str | None] | None = None
         self._route_cache: tuple | None = None  # (names, index, stacks) for one lk.route block, no grad
-        self._stack_cache: tuple | None = None  # (key, tensors, stacks): reused across blocks, see _stacked
+        self._stack_cache: tuple | None = None  # kept across lk.route blocks, see _inference_stacks
         self.register_buffer("original_weight", None, persistent=False)  # kept while merged
 
     # --- building -----------------------------------------------------------------------------
@@ -195,18 +195,13 @@ class AdaptedLayer(nn.Module):
         """Row i of the batch gets adapter route[i] (None or absent here = the base)."""
         if x.shape[0] != len(self.route):
             raise ConfigError(f"{self.path}: lk.route was given {len(self.route)} names for a batch of {x.shape[0]}")
-        grad = torch.is_grad_enabled()
-        if self._route_cache is None or grad:
-            names = sorted({n for n in self.route if n is not None and n in self.adapters})
-            index = stacks = None
-            if names:
-                slot = {n: i + 1 for i, n in enumerate(names)}  # slot 0 is the base
-                index = torch.tensor([slot.get(n, 0) for n in self.route], device=x.device)
-                stacks = self._stacked([self.adapters[n] for n in names], grad)
-            # Inference reuses names, row index and stacks for the whole `with lk.route(...)` block;
-            # training restacks every call so gradients reach the live parameters.
-            self._route_cache = None if grad else (names, index, stacks)
+        if torch.is_grad_enabled():
+            # Training restacks the routed adapters every call so gradients reach the live parameters.
+            names, index, stacks = self._plan(x.device, None)
         else:
+            # Inference makes one plan per `with lk.route(...)` block, from stacks kept across blocks.
+            if self._route_cache is None:
+                self._route_cache = self._cached_plan(x.device)
             names, index, stacks = self._route_cache
         if not names:
             return out
@@ -227,32 +222,72 @@ class AdaptedLayer(nn.Module):
         delta = torch.bmm(h, B_rows.transpose(1, 2))  # (b, T, d_out)
         return out + delta.view(out.shape).to(out.dtype)
 
-    def _stacked(self, adapters: list[nn.Module], grad: bool) -> tuple | None:
-        """Stacked (A, s·B, dropout p) of ``adapters``; None if one has no low-rank factors (conv, DoRA...).
+    def _plan(self, device: torch.device, every: tuple | None) -> tuple:
+        """(names routed on this layer, per-row slot index with 0 = the base, stacked (A, s·B, dropout p)).
 
-        Without grad the stacks outlive the ``lk.route`` block: the next block reuses them while every
-        adapter holds the same tensor objects at the same storage and version (any in-place update,
-        optimizer step, load or ``.to()`` changes one of these), so mixed batches that change per call
-        do not restack every adapter of every layer (which cost more than the routed matmuls).
+        The stacks are None when a routed adapter has no low-rank factors (conv LoRA, DoRA...): then the
+        slots number ``names`` for the per-adapter loop. ``every`` = (slots, stacks) of all the layer's
+        factored adapters (inference, see _inference_stacks) is used when it covers the routed names;
+        otherwise only ``names`` are stacked, afresh.
         """
-        key = tensors = None
-        if not grad:
-            tensors = [t for a in adapters for t in _own_tensors(a, []) if t is not None]
+        here = self.adapters._modules
+        names = sorted({n for n in self.route if n is not None and n in here})
+        if not names:
+            return names, None, None
+        if every is not None and every[1] is not None and all(n in every[0] for n in names):
+            slot, stacks = every
+        else:
+            adapters = [self.adapters[n] for n in names]
+            factors = [a.factors() if hasattr(a, "factors") else None for a in adapters]
+            stacks = None if any(f is None for f in factors) else _stack_factors(factors, adapters)
+            slot = {n: i + 1 for i, n in enumerate(names)}
+        return names, torch.tensor([slot.get(n, 0) for n in self.route], device=device), stacks
+
+    def _cached_plan(self, device: torch.device) -> tuple:
+        """The inference plan for ``self.route``, remembered (with the stacks) until a routed adapter changes."""
+        here = self.adapters._modules  # (a submodule lookup per name would cost more than the check)
+        names = [n for n in dict.fromkeys(self.route) if n is not None and n in here]
+        slots, stacks, plans = self._inference_stacks(names)
+        key = (tuple(self.route), device)
+        plan = plans.get(key)
+        if plan is None:
+            if len(plans) >= 64:
+                plans.clear()
+            plan = plans[key] = self._plan(device, (slots, stacks))
+        return plan
+
+    def _inference_stacks(self, names: list[str]) -> tuple[dict[str, int], tuple | None, dict]:
+        """(slots, stacks) of every adapter of the layer that has low-rank factors, and the plans made from them.
+
+        Stacking every adapter of every layer cost more than the routed matmuls, so without grad the
+        stacks outlive the ``lk.route`` block: a later block reuses them, whichever adapters it routes,
+        while each adapter it routes (``names``) holds the same tensor objects at the same storage and
+        version as when stacked (an in-place update, optimizer step, load or ``.to()`` changes one of
+        these); rows of adapters it does not route are never read. Adding or deleting an adapter drops them.
+        """
+        cached = getattr(self, "_stack_cache", None)  # it holds the objects alive, so their ids stay unique
+        if cached is not None:
+            here, stacked = self.adapters._modules, cached[0]
             try:
-                key = (tuple(map(id, adapters)), tuple(map(id, tensors)), tuple(t._version for t in tensors),
-                       tuple(t.data_ptr() for t in tensors), tuple(getattr(a, "scale", None) for a in adapters),
-                       tuple(getattr(a, "dropout_p", None) for a in adapters))
-            except RuntimeError:  # inference-mode tensors keep no version: restack every block
-                key = None
-            cached = getattr(self, "_stack_cache", None)  # it holds the objects alive, so their ids stay unique
-            if key is not None and cached is not None and cached[0] == key:
-                return cached[2]
-        factors = [a.factors() if hasattr(a, "factors") else None for a in adapters]
-        if any(f is None for f in factors):
-            return None
-        stacks = _stack_factors(factors, adapters)
-        self._stack_cache = None if key is None else (key, (adapters, tensors), stacks)
-        return stacks
+                if all(stacked.get(n) == _fingerprint(here[n]) for n in names):
+                    return cached[2]
+            except RuntimeError:  # inference-mode tensors keep no version
+                pass
+        adapters = list(self.adapters.items())
+        factored = [(n, a, f) for n, a in adapters for f in [a.factors() if hasattr(a, "factors") else None]
+                    if f is not None]
+        try:
+            stacks = _stack_factors([f for _, _, f in factored], [a for _, a, _ in factored]) if factored else None
+        except RuntimeError:  # adapters of different dtypes or devices: stack only the routed ones, per block
+            stacks = None
+        entry = ({n: i + 1 for i, (n, _, _) in enumerate(factored)}, stacks, {})
+        try:
+            prints = {n: _fingerprint(a) for n, a in adapters}
+        except RuntimeError:  # inference-mode tensors keep no version: nothing is cached
+            prints = None
+        refs = (adapters, [t for _, a in adapters for t in _own_tensors(a, [])])
+        self._stack_cache = None if prints is None else (prints, refs, entry)
+        return entry
 
     def _routed_loop(self, x, out, names, index):
         """Routing for adapters without low-rank factors (conv, other methods): one call per adapter."""
@@ -301,6 +336,15 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{type(self.base).__name__}, adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
+
+
+def _fingerprint(adapter: nn.Module) -> list:
+    """What routing reads off an adapter: its identity, scale, dropout and each tensor's identity, storage, version."""
+    key = [id(adapter), getattr(adapter, "scale", None), getattr(adapter, "dropout_p", None)]
+    for t in _own_tensors(adapter, []):
+        if t is not None:
+            key += (id(t), t._version, t.data_ptr())
+    return key
 
 
 def _own_tensors(module: nn.Module, out: list) -> list:

@@ -201,6 +201,43 @@ def test_route_with_different_ranks_and_stacked_cache(case):
 
 
 @matrix
+def test_route_cache_sees_every_change_between_blocks(case):
+    """Stacks kept across ``lk.route`` blocks must never serve stale factors."""
+    model, x = _adapted(case, names=("a", "b")), case.inputs()
+    names = ["a", "b", None]
+
+    def routed_equals_each_row_alone():
+        with torch.no_grad():
+            with lk.route(model, names):
+                routed = model(x)
+            for i, name in enumerate(names):
+                if name is None:
+                    with lk.disabled(model):
+                        alone = model(x[i:i + 1])
+                else:
+                    lk.activate(model, name)
+                    alone = model(x[i:i + 1])
+                torch.testing.assert_close(routed[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+        return routed
+
+    first = routed_equals_each_row_alone()
+    randomize(model, "a", seed=30)  # in place, as an optimizer step
+    assert _differs(routed_equals_each_row_alone()[:1], first[:1])
+    lk.adapt(model, case.method, case.layer.targets, name="c")
+    randomize(model, "c", seed=31)
+    names[2] = "c"
+    routed_equals_each_row_alone()
+    lk.delete(model, "b")
+    names[1] = None
+    routed_equals_each_row_alone()
+    with torch.no_grad():  # a tensor swapped behind the module's back, as a load may do
+        for _, layer in lk.model.adapted_layers(model):
+            for p in layer.adapters["a"].parameters():
+                p.data = p.data * 2
+    routed_equals_each_row_alone()
+
+
+@matrix
 def test_unload_gives_original_classes(case):
     model, x = _adapted(case), case.inputs()
     with torch.no_grad():
