@@ -10,6 +10,7 @@ parameters and outside the module tree, for its forward geometry and to hand bac
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +32,10 @@ class LayerKind:
     # Plain attributes model code reads off these layers (e.g. embed_tokens.padding_idx).
     attributes: tuple[str, ...] = ()
     transposed: bool = False  # weight stored (d_in, d_out), as GPT-2's Conv1D
+    # Quantized bases (lorakit/quant.py): (base, weight) -> the float weight, (d_out, d_in).
+    dequantize: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # (base, weight) -> {key: tensor} a quantized base saves beside its weight (its scales).
+    extra_state: Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]] | None = None
 
 
 def _conv1d_gpt2_forward(base, x, weight, bias):
@@ -68,6 +73,11 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     """The LayerKind for a module, or None if no method can adapt it."""
     if type(module).__name__ in _REFUSED:
         return None
+    # bitsandbytes layers subclass nn.Linear: told apart by their weight's type, whoever built them.
+    if type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params"):
+        from lorakit.quant import KINDS  # lazily: bitsandbytes is an optional extra
+
+        return KINDS[type(module.weight).__name__]
     for cls, kind in LAYER_KINDS:
         if isinstance(module, cls):
             return kind
@@ -90,8 +100,8 @@ def _conv_ungrouped(base: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], t
     return run
 
 
-def _canonical(kind: LayerKind, weight: torch.Tensor) -> torch.Tensor:
-    w = weight.detach().float()
+def _canonical(kind: LayerKind, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    w = (kind.dequantize(base, weight) if kind.dequantize else weight.detach()).float()
     return w.t() if kind.transposed else w
 
 
@@ -103,8 +113,9 @@ def _make_spec(base: nn.Module, kind: LayerKind, weight: torch.Tensor, base_weig
                      dilation=tuple(base.dilation), groups=base.groups, conv=_conv_ungrouped(base))
     elif kind.kind == "embedding":
         extra = dict(padding_idx=base.padding_idx)
+    dtype = torch.float32 if kind.dequantize else adapter_dtype(weight.dtype)  # adapters on a quantized base
     return LayerSpec(kind=kind.kind, d_in=d_in, d_out=d_out, device=weight.device,
-                     dtype=adapter_dtype(weight.dtype), weight=base_weight, source=weight, **extra)
+                     dtype=dtype, weight=base_weight, source=weight, **extra)
 
 
 def spec_of(module: nn.Module) -> LayerSpec:
@@ -112,7 +123,7 @@ def spec_of(module: nn.Module) -> LayerSpec:
     if isinstance(module, AdaptedLayer):
         return module.spec()
     kind, weight = layer_kind(module), module.weight
-    return _make_spec(module, kind, weight, lambda: _canonical(kind, weight))
+    return _make_spec(module, kind, weight, lambda: _canonical(kind, module, weight))
 
 
 class AdaptedLayer(nn.Module):
@@ -141,6 +152,11 @@ class AdaptedLayer(nn.Module):
         self._route_cache: tuple | None = None  # (names, index, stacks) for one lk.route block, no grad
         self._stack_cache: tuple | None = None  # kept across lk.route blocks, see _inference_stacks
         self.register_buffer("original_weight", None, persistent=False)  # kept while merged
+        # While merged on a quantized base: (its kind, its quantized weight), see merge.
+        self.quantized: tuple[LayerKind, nn.Parameter] | None = None
+        # QPiSSA: the base is quantize(W − P) + P, the low-rank P = principal_B·principal_A kept in float.
+        self.register_buffer("principal_A", None)  # (r, d_in)
+        self.register_buffer("principal_B", None)  # (d_out, r)
 
     # --- building -----------------------------------------------------------------------------
     def spec(self) -> LayerSpec:
@@ -149,7 +165,20 @@ class AdaptedLayer(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """The unmerged base weight in canonical layout, float32 (detached)."""
-        return _canonical(self.kind, self.original_weight if self.merged else self.weight)
+        weight = _canonical(*self._unmerged_base())
+        return weight if self.principal_A is None else weight + self.principal_B.float() @ self.principal_A.float()
+
+    def _base_forward(self, kind: LayerKind, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out = kind.forward(self.base, x, weight, self.bias)
+        if self.principal_A is not None and kind.dequantize is not None:  # not once merged: P is in the float copy
+            out = out + F.linear(F.linear(x.to(self.principal_A.dtype), self.principal_A), self.principal_B).to(out.dtype)
+        return out
+
+    def _unmerged_base(self) -> tuple[LayerKind, nn.Module, torch.Tensor]:
+        """(kind, base module, weight) of the base as it was before any merge."""
+        if self.quantized is not None:
+            return self.quantized[0], self.base, self.quantized[1]
+        return self.kind, self.base, self.original_weight if self.merged else self.weight
 
     def add(self, name: str, adapter: nn.Module, recipe) -> None:
         """Attach an adapter built by ``recipe`` (kept: saving and summaries read it)."""
@@ -158,6 +187,25 @@ class AdaptedLayer(nn.Module):
         self.adapters[name] = adapter
         self.recipes[name] = recipe
         self._stack_cache = None
+
+    def replace_base(self, base: nn.Module, principal: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Put ``base`` (a quantized copy of the base layer, see lk.quantize) under the adapters.
+
+        ``principal`` = (A, B): the base computes base(x) + B·A·x, a part of W kept in float (QPiSSA).
+        """
+        if self.merged:
+            raise MergeError(f"{self.path} has merged adapters; lk.unmerge(model) before replacing its base")
+        self.kind = layer_kind(base)
+        self.weight = base.weight
+        del base.weight
+        if "bias" in base._parameters:
+            del base.bias
+        object.__setattr__(self, "base", base.train(self.training))
+        self.principal_A, self.principal_B = principal or (None, None)
+        self._stack_cache = None
+        for module in self.adapters.modules():  # their specs must not pin the old float weight in memory
+            if isinstance(getattr(module, "spec", None), LayerSpec):
+                module.spec = dataclasses.replace(module.spec, source=self.weight)
 
     def delete(self, name: str) -> None:
         if name in self.merged:
@@ -169,12 +217,16 @@ class AdaptedLayer(nn.Module):
         self._stack_cache = None
         self.active = [n for n in self.active if n != name]
 
+    def train(self, mode: bool = True) -> "AdaptedLayer":
+        self.base.train(mode)  # not a submodule, yet its forward may read its mode (bitsandbytes int8)
+        return super().train(mode)
+
     # --- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
-            weight = self.original_weight if self.merged else self.weight
-            return self.kind.forward(self.base, x, weight, self.bias)
-        out = self.kind.forward(self.base, x, self.weight, self.bias)
+            kind, _, weight = self._unmerged_base()
+            return self._base_forward(kind, x, weight)
+        out = self._base_forward(self.kind, x, self.weight)
         if self.route is not None:
             return self._routed(x, out)
         base = out
@@ -313,22 +365,49 @@ class AdaptedLayer(nn.Module):
             delta = d if delta is None else delta + d
         if self.kind.transposed:
             delta = delta.t()
-        if self.original_weight is None:
-            self.original_weight = self.weight.detach().clone()
-        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        if self.kind.dequantize is not None:
+            # A float update cannot be added to 4/8-bit numbers without rounding it away: the layer
+            # becomes a plain linear on a dequantized copy, and keeps the quantized weight for unmerge.
+            self.quantized = (self.kind, self.weight)
+            weight = self.kind.dequantize(self.base, self.weight)
+            if self.principal_A is not None:
+                delta = delta + self.principal_B.float() @ self.principal_A.float()
+            self.weight = nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
+            self.kind = LINEAR
+        else:
+            if self.original_weight is None:
+                self.original_weight = self.weight.detach().clone()
+            self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
         self.merged += names
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the exact original weight (bit for bit)."""
-        if self.merged:
+        """Restore the exact original weight (bit for bit; a quantized base's very tensors)."""
+        if self.quantized is not None:
+            self.kind, self.weight = self.quantized
+            self.quantized = None
+        elif self.merged:
             self.weight.copy_(self.original_weight)
             self.original_weight = None
-            self.merged = []
+        self.merged = []
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kind.extra_state is not None:  # a quantized base: the same keys as the bitsandbytes layer's
+            for key, value in self.kind.extra_state(self.base, self.weight).items():
+                destination[prefix + key] = value if keep_vars else value.detach()
 
     def unwrap(self) -> nn.Module:
-        """The original module, holding this layer's (possibly merged) weight and bias."""
+        """The original module, holding this layer's (possibly merged) weight and bias.
+
+        A quantized base merged into a float copy comes back as a plain ``nn.Linear``.
+        """
+        if self.principal_A is not None and self.quantized is None:
+            raise MergeError(f"{self.path}: a QPiSSA base keeps part of its weight in float beside the quantized "
+                             "residual; no bitsandbytes layer holds both: lk.unload(model, merge=True)")
         base = self.base
+        if self.quantized is not None:
+            base = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
         base.weight = self.weight
         if self._base_had_bias:
             base.register_parameter("bias", self.bias)

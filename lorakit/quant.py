@@ -1,0 +1,236 @@
+"""QLoRA: a frozen 4-bit (NF4/FP4) or 8-bit (LLM.int8) base under full-precision adapters.
+
+References: QLoRA, Dettmers et al. 2023 (arXiv 2305.14314); LLM.int8(), Dettmers et al. 2022
+(arXiv 2208.07339). The quantized layers are bitsandbytes' own (``Linear4bit``, ``Linear8bitLt``);
+lorakit writes no kernel and no number format.
+
+    y = dequant(W_q)·x + b + Σ adapters(x)      W_q: NF4 in blocks of 64, absmax double-quantized
+
+``lk.quantize(model, "nf4")`` swaps the targeted ``nn.Linear`` layers and frees their float
+weights; a model that transformers loaded with ``BitsAndBytesConfig`` is recognised by its layers'
+weight types the same way. Methods see the dequantized weight (``LayerSpec.weight``), so every
+method that writes its update as a delta (all of lorakit's) works on a quantized base.
+``lk.merge`` cannot fold a float update into 4-bit numbers without rounding it, so it replaces
+the layer's weight with a dequantized float copy plus the update (the function that was trained)
+and keeps the quantized original: ``lk.unmerge`` restores it bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib.util
+import sys
+import warnings
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from lorakit.errors import ConfigError, LorakitError, UnsupportedLayerError
+from lorakit.layers import AdaptedLayer, LayerKind
+
+MODES = ("nf4", "fp4", "int8")
+
+
+def _bnb():
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LorakitError("a quantized base needs bitsandbytes: pip install 'bitsandbytes>=0.48'")
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+# --- the two quantized layer kinds -------------------------------------------------------------
+def _forward_4bit(base: nn.Module, x: torch.Tensor, weight, bias):
+    dtype = x.dtype
+    compute = base.compute_dtype or dtype
+    out = _bnb().matmul_4bit(x.to(compute), weight, bias=None if bias is None else bias.to(compute),
+                             quant_state=weight.quant_state)
+    return out.to(dtype)
+
+
+def _dequantize_4bit(base: nn.Module, weight) -> torch.Tensor:
+    import bitsandbytes.functional as bf
+
+    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks CPU weights for its inference kernel on a no-grad eval forward.
+        data, state = bf._convert_weight_packed_for_cpu_inverse(weight.data, state)
+        weight.data, weight.quant_state = data, state
+    return bf.dequantize_4bit(weight.data, state)  # (d_out, d_in) in the dtype it was quantized from
+
+
+def _int8_state(base: nn.Module, weight):
+    """bitsandbytes' matmul state with the row scales, which it moves off the weight on first use."""
+    state = base.state
+    if weight.CB is not None:
+        state.CB, state.SCB = weight.CB, weight.SCB
+        weight.CB = weight.SCB = None
+    return state
+
+
+def _forward_int8(base: nn.Module, x: torch.Tensor, weight, bias):
+    state = _int8_state(base, weight)
+    state.is_training = base.training
+    return _bnb().matmul(x, weight, bias=None if bias is None else bias.to(x.dtype), state=state)
+
+
+def _dequantize_int8(base: nn.Module, weight) -> torch.Tensor:
+    state = _int8_state(base, weight)
+    return weight.data.float() * (state.SCB.float().unsqueeze(1) / 127)  # LLM.int8's per-row absmax scale
+
+
+def _state_4bit(base: nn.Module, weight) -> dict[str, torch.Tensor]:
+    return {"weight." + key: value for key, value in weight.quant_state.as_dict(packed=True).items()}
+
+
+def _state_int8(base: nn.Module, weight) -> dict[str, torch.Tensor]:
+    return {"SCB": _int8_state(base, weight).SCB, "weight_format": torch.tensor(0, dtype=torch.uint8)}
+
+
+_SIZES = lambda m: (m.in_features, m.out_features)  # noqa: E731
+QUANT_4BIT = LayerKind("linear", _forward_4bit, _SIZES, ("in_features", "out_features"),
+                       dequantize=_dequantize_4bit, extra_state=_state_4bit)
+QUANT_INT8 = LayerKind("linear", _forward_int8, _SIZES, ("in_features", "out_features"),
+                       dequantize=_dequantize_int8, extra_state=_state_int8)
+KINDS = {"Params4bit": QUANT_4BIT, "Int8Params": QUANT_INT8}  # by the weight's type: subclasses of either layer
+
+
+def numel(parameter: torch.Tensor) -> int:
+    """How many weights a parameter stands for (a packed 4-bit tensor holds two per byte)."""
+    state = getattr(parameter, "quant_state", None) if type(parameter).__name__ == "Params4bit" else None
+    return state.shape.numel() if state is not None else parameter.numel()
+
+
+def quantized_bits(module: nn.Module) -> float | None:
+    """Bits per weight a quantized layer holds (values + scales), None for a float layer."""
+    weight = module.weight
+    if type(weight).__name__ == "Params4bit":
+        state, numel = weight.quant_state, weight.quant_state.shape.numel()
+        scales = state.absmax.numel() * state.absmax.element_size()
+        if state.nested:
+            scales += state.state2.absmax.numel() * state.state2.absmax.element_size()
+        return 8 * (weight.numel() * weight.element_size() + scales) / numel
+    if type(weight).__name__ == "Int8Params":
+        state = _int8_state(module.base if isinstance(module, AdaptedLayer) else module, weight)
+        return 8 * (weight.numel() + state.SCB.numel() * state.SCB.element_size()) / weight.numel()
+    return None
+
+
+# --- swapping float layers for quantized ones --------------------------------------------------
+def _quantized_linear(linear: nn.Module, weight: torch.Tensor, mode: str, compute_dtype, double_quant: bool,
+                      blocksize: int) -> nn.Module:
+    """A bitsandbytes layer holding ``weight`` (d_out, d_in) quantized, with ``linear``'s bias."""
+    bnb = _bnb()
+    bias = linear.bias
+    # Built on the meta device: a real init would allocate (and randomise) a float weight to throw away.
+    if mode == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=False, has_fp16_weights=False,
+                                    device="meta")
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)._quantize(weight.device)
+    else:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=compute_dtype,
+                                  compress_statistics=double_quant, quant_type=mode, device="meta")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=blocksize,
+                                         compress_statistics=double_quant, quant_type=mode,
+                                         module=layer)._quantize(weight.device)
+    layer.bias = bias  # the same tensor: only the weight changes storage
+    return layer.train(linear.training)
+
+
+def quantize(model: nn.Module, mode: str = "nf4", *, compute_dtype: torch.dtype | None = None,
+             double_quant: bool = True, blocksize: int = 64, skip: Sequence[str] = ("lm_head",),
+             targets=None) -> nn.Module:
+    """Replace the model's ``nn.Linear`` layers by bitsandbytes quantized ones, freeing the float weights.
+
+    ``mode``: ``"nf4"`` (QLoRA's NormalFloat4), ``"fp4"``, or ``"int8"`` (LLM.int8). ``compute_dtype``
+    is the dtype the 4-bit matmul runs in (default: the input's). ``double_quant`` quantizes the
+    per-block scales too (QLoRA's default; about 0.127 instead of 0.5 extra bits per weight).
+    ``targets`` (names or a regex, as in ``lk.adapt``; default every linear layer) minus ``skip``
+    (names or dotted suffixes; the output head by default) are swapped. Returns ``model``.
+
+    Quantize before adapting, except for QPiSSA: on a layer that carries a PiSSA or MiLoRA adapter
+    (not merged), the residual ``W − s·B0·A0`` is quantized and the adapter's start ``s·B0·A0`` stays
+    in float inside the base, which so stays much closer to W than ``quantize(W)`` (arXiv 2404.02948, §4.4).
+    """
+    from lorakit.adapt import matches, walk
+    from lorakit.errors import TargetNotFoundError
+    from lorakit.layers import LINEAR, layer_kind
+
+    if mode not in MODES:
+        raise ConfigError(f"lk.quantize: mode must be one of {MODES}, got {mode!r}")
+    if mode != "int8" and (blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096)):
+        raise ConfigError(f"lk.quantize: blocksize must be a power of two from 32 to 4096, got {blocksize}")
+    candidates = list(walk(model))
+    chosen = [(p, m) for p, m in candidates if (m.kind if isinstance(m, AdaptedLayer) else layer_kind(m)) is LINEAR
+              and (targets is None or matches(p, targets)) and not matches(p, list(skip))]
+    if not chosen:
+        raise TargetNotFoundError(targets or "every nn.Linear", [p for p, _ in candidates])
+    for path, module in chosen:
+        if isinstance(module, AdaptedLayer):
+            _quantize_adapted(module, mode, compute_dtype, double_quant, blocksize)
+            continue
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf,
+                _quantized_linear(module, module.weight.detach(), mode, compute_dtype, double_quant, blocksize))
+    _unmap(model)
+    return model
+
+
+def _mapped_files() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory-mapped data files (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        path = fields[5] if len(fields) == 6 else ""
+        if path.startswith("/") and ".so" not in path.rsplit("/", 1)[-1]:
+            low, high = fields[0].split("-")
+            ranges.append((int(low, 16), int(high, 16)))
+    return ranges
+
+
+def _unmap(model: nn.Module) -> None:
+    """Copy tensors that still view a memory-mapped checkpoint into process memory.
+
+    transformers maps a safetensors file and its tensors view it: the file's pages, the float
+    weights just quantized among them, stay resident while any tensor of it lives (the embedding,
+    the norms). Copying those few tensors lets the whole mapping go.
+    """
+    ranges = _mapped_files()
+    for module in model.modules():
+        for tensor in [*module._parameters.values(), *module._buffers.values()]:
+            if tensor is not None and any(low <= tensor.data_ptr() < high for low, high in ranges):
+                tensor.data = tensor.data.clone()  # in place: tied weights stay one tensor
+    gc.collect()
+    if sys.platform.startswith("linux"):  # glibc keeps freed heap pages (the float weights) unless asked
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # another C library
+            pass
+
+
+def _quantize_adapted(layer: AdaptedLayer, mode: str, compute_dtype, double_quant: bool, blocksize: int) -> None:
+    """Quantize an adapted layer's base: its residual after a PiSSA/MiLoRA start (QPiSSA), else W itself."""
+    starts = [a.start() for a in layer.adapters.values() if hasattr(a, "start")]
+    if not starts:
+        raise UnsupportedLayerError(f"lk.quantize: {layer.path} already has adapters; quantize the base first, then "
+                                    "lk.adapt (only PiSSA/MiLoRA adapters come first: QPiSSA quantizes the residual)")
+    if layer.merged:
+        raise UnsupportedLayerError(f"lk.quantize: {layer.path} has merged adapters; lk.unmerge(model) first")
+    A, B = starts[0]  # one principal part per layer: further adapters sit on that base as on any other
+    with torch.no_grad():
+        residual = (layer.weight.float() - B.float() @ A.float()).to(layer.weight.dtype)
+    layer.replace_base(_quantized_linear(layer, residual, mode, compute_dtype, double_quant, blocksize), (A, B))
+
+
+def warn_merged(count: int) -> None:
+    """Say what merging into a quantized base did (it is not a plain in-place add)."""
+    warnings.warn(f"lk.merge: {count} quantized layer(s) now hold a dequantized float copy of their weight plus the "
+                  "update, which computes the trained function (re-quantizing would round the update away); the "
+                  "quantized originals are kept, so lk.unmerge restores them exactly", stacklevel=3)
