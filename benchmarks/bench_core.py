@@ -477,11 +477,14 @@ def main() -> None:
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each timed group wait up to this long for other processes to go idle")
     parser.add_argument("--quick", action="store_true", help="4 layers, 3 repeats: a smoke run in about a minute")
-    parser.add_argument("--json", default="benchmarks/results/core.json")
+    parser.add_argument("--json", default=None,
+                        help="results file (default benchmarks/results/core.json; with --quick core-quick.json, so "
+                             "a smoke run never replaces the recorded full run)")
     parser.add_argument("--memory-child", nargs=2, metavar=("SIDE", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.layers = args.layers or (4 if args.quick else 30)
     args.repeats = args.repeats or (3 if args.quick else 5)
+    args.json = args.json or f"benchmarks/results/core{'-quick' if args.quick else ''}.json"
     if args.threads:
         torch.set_num_threads(args.threads)
     global QUIET_WAIT

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 from torch import nn
 
 from lorakit.errors import AdapterExistsError, ConfigError, MergeError, TargetNotFoundError, UnsupportedLayerError
-from lorakit.layers import GPT2_CONV1D, LINEAR, AdaptedLayer, layer_kind, spec_of
+from lorakit.layers import AdaptedLayer, layer_kind, spec_of
 
 Targets = str | Sequence[str]
 
@@ -34,6 +34,12 @@ def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
 def kind_of(module: nn.Module):
     """The LayerKind of a plain or already adapted module (None if it cannot be adapted)."""
     return module.kind if isinstance(module, AdaptedLayer) else layer_kind(module)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A linear layer of any storage: nn.Linear, GPT-2's Conv1D, a bitsandbytes 4/8-bit Linear."""
+    kind = kind_of(module)
+    return kind is not None and kind.kind == "linear"
 
 
 def matches(path: str, targets: Targets) -> bool:
@@ -74,15 +80,18 @@ def select(model: nn.Module, targets: Targets, layers: Iterable[int] | None = No
     candidates = list(walk(model))
     if targets == "all-linear":
         head = _output_head(model)
-        chosen = [(p, m) for p, m in candidates
-                  if kind_of(m) in (LINEAR, GPT2_CONV1D) and m is not head]
+        chosen = [(p, m) for p, m in candidates if is_linear(m) and m is not head]
     else:
         chosen = _matching(candidates, targets)
-    if layers is not None:
-        wanted = set(layers)
-        chosen = [(p, m) for p, m in chosen if layer_index(p) in wanted]
     if not chosen:
         raise TargetNotFoundError(targets, [p for p, _ in candidates])
+    if layers is not None:
+        wanted = set(layers)
+        found = sorted({i for i in map(layer_index, (p for p, _ in chosen)) if i is not None})
+        chosen = [(p, m) for p, m in chosen if layer_index(p) in wanted]
+        if not chosen:
+            raise TargetNotFoundError(f"{targets!r} in layers {sorted(wanted)} (they match in layers {found})",
+                                      [p for p, _ in candidates])
     for path, module in chosen:
         if kind_of(module) is None:
             raise UnsupportedLayerError(
@@ -155,8 +164,8 @@ def enable_lora(model: nn.Module, rank: int = 8, alpha: float | None = None, dro
     """Keras-style one-liner: LoRA on every linear projection inside attention blocks."""
     from lorakit.methods.lora import LoRA
 
-    attention = [p for p, m in walk(model) if kind_of(m) in (LINEAR, GPT2_CONV1D)
+    attention = [p for p, m in walk(model) if is_linear(m)
                  and any("attn" in part.lower() or "attention" in part.lower() for part in p.split(".")[:-1])]
     if not attention:
         raise TargetNotFoundError(["*attn*.*", "*attention*.*"], [p for p, _ in walk(model)])
-    return adapt(model, LoRA(rank=rank, alpha=alpha or rank, dropout=dropout), attention, name=name)
+    return adapt(model, LoRA(rank=rank, alpha=rank if alpha is None else alpha, dropout=dropout), attention, name=name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 import warnings
 from collections import Counter
@@ -123,9 +124,11 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
         if hasattr(default, "rank"):
             config["rank_pattern"] = _patterns(recipes, "rank", default.rank)
             config["alpha_pattern"] = _patterns(recipes, "alpha", default.alpha)
-        else:  # AdaLoRA: PEFT's rank_pattern lists which triplets each matrix keeps
-            config["rank_pattern"] = {f"{path}.lora_E": adapter.rank_mask.tolist()
-                                      for path, (_, adapter) in entries.items()}
+        else:  # AdaLoRA: PEFT's rank_pattern lists which of the init_rank triplets each matrix keeps
+            # A reloaded adapter holds only its kept triplets; PEFT still wants a mask over init_rank.
+            config["rank_pattern"] = {
+                f"{path}.lora_E": adapter.rank_mask.tolist() + [False] * (recipe.init_rank - adapter.rank)
+                for path, (recipe, adapter) in entries.items()}
     else:
         config.update({"peft_type": None, "lorakit_version": _version(), "lorakit_method": default.name, "lorakit_recipe": recipe_fields(default),
                        "lorakit_overrides": {p: recipe_fields(r) for p, r in recipes.items() if r != default}})
@@ -148,6 +151,8 @@ def read(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFileError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_path}: not a JSON object (an adapter config maps keys to values)")
     weights = directory / WEIGHTS_NAME
     legacy = directory / "adapter_model.bin"
     try:
@@ -157,7 +162,7 @@ def read(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
             tensors = torch.load(legacy, map_location="cpu", weights_only=True)  # never unpickles code
         else:
             raise AdapterFileError(f"{directory}: no {WEIGHTS_NAME}")
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
         if isinstance(e, AdapterFileError):
             raise
         raise AdapterFileError(f"{weights if weights.is_file() else legacy}: truncated or corrupt ({e})") from None
@@ -210,7 +215,11 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default") 
     if name in adapter_names(model):
         raise AdapterExistsError(f"the model already has an adapter named {name!r}; load it under another name")
     config, tensors = read(directory)
-    default = _recipe(config, directory)
+    try:
+        default = _recipe(config, directory)
+    except (KeyError, TypeError, ValueError) as e:  # a field missing, of the wrong type or out of range
+        raise AdapterFileError(f"{directory / CONFIG_NAME}: not a valid adapter config "
+                               f"({type(e).__name__}: {e})") from None
     modules = dict(walk(model))
     saved = config.get("modules_to_save") or []
     train_paths = [p for p in modules if matches(p, saved)] if saved else []
@@ -235,6 +244,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default") 
         adapter = recipe.build(spec_of(modules[path]), init=False)
         adapter.load_tensors(module_tensors, where=path)
         built[path] = (recipe, adapter)
+    copies = []  # (path, parameter name, the model's parameter, the file's tensor)
     for path, module_tensors in trained.items():
         params = dict(modules[path].named_parameters())
         for pname, tensor in module_tensors.items():
@@ -242,15 +252,15 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default") 
                 raise ShapeMismatchError(
                     f"{path}.{pname}: the file has shape {tuple(tensor.shape)}, the model has "
                     f"{tuple(params[pname].shape) if pname in params else 'no such parameter'}")
-    with torch.no_grad():
-        for path, module_tensors in trained.items():
-            params = dict(modules[path].named_parameters())
-            for pname, tensor in module_tensors.items():
-                if path not in train_paths and not torch.equal(params[pname], tensor.to(params[pname])):
-                    warnings.warn(f"{directory}: the adapter carries its own {path}.{pname} (PEFT saves targeted "
-                                  "embeddings whole); it replaces the model's", stacklevel=2)
-                params[pname].copy_(tensor)
+            copies.append((path, pname, params[pname], tensor))
+    # attach makes the last check (no merged adapters) before it changes anything; the copies come after it.
     attach(model, name, built, [p for p in train_paths if p in trained])
+    with torch.no_grad():
+        for path, pname, param, tensor in copies:
+            if path not in train_paths and not torch.equal(param, tensor.to(param)):
+                warnings.warn(f"{directory}: the adapter carries its own {path}.{pname} (PEFT saves targeted "
+                              "embeddings whole); it replaces the model's", stacklevel=2)
+            param.copy_(tensor)
     return model
 
 

@@ -25,8 +25,9 @@ def _add_fields(parser: argparse.ArgumentParser, config_cls) -> None:
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, type=type(f.default), choices=f.metadata.get("choices"),
-                                default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
+            choices = f.metadata.get("choices")  # shown as the metavar, {a,b,c}, so --help lists them
+            parser.add_argument(flag, type=type(f.default), choices=choices, default=argparse.SUPPRESS,
+                                help=help_text, metavar=None if choices else f.name.upper())
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
                         help="YAML file of settings (flag names, with - or _); flags given here win")
 

@@ -11,8 +11,9 @@
     update's top ``density`` fraction of entries by magnitude, elect each entry's sign by the sign of
     the sum, average the entries that agree with it, then truncate to ``rank`` as ``"svd"``. Not a
     sum by design: it drops conflicting and small entries.
-  * ``"interpolate"``: ``z = Σ_k w_k·z_k`` for SVF experts (and SVFT adapters on one support). Exact
-    as a sum of updates when the weights add up to 1.
+  * ``"interpolate"``: ``z = Σ_k w_k·z_k`` for SVF experts (and SVFT adapters on one support). SVFT's
+    M is additive, so its mix is always the exact weighted sum; SVF's z multiplies σ around 1, so its
+    mix is that sum when the weights add up to 1.
 The result is a new adapter ``name`` (plain LoRA for the first three) and becomes the active one.
 """
 

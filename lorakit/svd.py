@@ -10,7 +10,8 @@ Randomized SVD (``niter=``, Halko et al. 2011 as ``torch.svd_lowrank``, no overs
 PEFT's ``pissa_niter_K``) runs under a fixed seed, so the same weight always gives the same factors.
 
 Results are cached by weight (its identity, version and shape), so two adapters on one layer do
-not redo the decomposition; ``clear_cache()`` frees the cache, ``cache_bytes`` bounds it.
+not redo the decomposition; ``clear_cache()`` frees the cache, ``cache_bytes`` bounds it and
+``cached_bytes()`` says how much it holds.
 """
 
 from __future__ import annotations
@@ -29,11 +30,19 @@ def clear_cache() -> None:
     _cache.clear()
 
 
+def cached_bytes() -> int:
+    """Bytes of factors the cache holds now (adapters may share some of them, e.g. SVF's U and Vh)."""
+    return sum(t.numel() * t.element_size() for _, factors in _cache.values() for t in factors)
+
+
 def _canonical_signs(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor):
     pivot = Vh.abs().argmax(dim=1, keepdim=True)  # (k, 1)
     signs = torch.sign(Vh.gather(1, pivot)).squeeze(1)
     signs[signs == 0] = 1
-    return U * signs, S, Vh * signs[:, None]
+    # Row-major (LAPACK's factors are column-major): adapters that keep the basis (SVF, SVFT) need it
+    # so, and then their buffers share the cache's storage instead of copying it. In place: the factors
+    # are the decomposition's own fresh outputs.
+    return U.contiguous().mul_(signs), S, Vh.contiguous().mul_(signs[:, None])
 
 
 def _compute(weight: torch.Tensor, rank: int | None, niter: int | None):
@@ -64,7 +73,7 @@ def svd(weight: torch.Tensor, rank: int | None = None, niter: int | None = None,
         return hit[1]
     factors = _compute(weight, rank, niter)
     _cache[key] = (weakref.ref(source), factors)
-    while _cache and sum(t.numel() * t.element_size() for _, fs in _cache.values() for t in fs) > cache_bytes:
+    while _cache and cached_bytes() > cache_bytes:
         _cache.popitem(last=False)
     return factors
 

@@ -75,6 +75,10 @@ def test_schedule_matches_peft_step_for_step(tmp_path):
     assert sum(layer.adapters["default"].rank for _, layer in lk.model.adapted_layers(reloaded)) == kept
     from_ours = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
     torch.testing.assert_close(from_ours(x).logits, expected, atol=1e-5, rtol=1e-5)
+    # A reloaded adapter holds only its kept triplets; saved again, PEFT must still read its ranks.
+    lk.save(reloaded, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "again").eval()
+    torch.testing.assert_close(again(x).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_regularization_is_the_mean_orthogonality_gap():

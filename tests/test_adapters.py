@@ -113,6 +113,46 @@ def test_load_several_adapters_under_names_and_route(tmp_path):
         torch.testing.assert_close(served(x).logits, model(x).logits, atol=0, rtol=0)
 
 
+def test_route_sees_layers_and_adapters_added_or_removed_between_blocks(tmp_path):
+    """Each ``lk.route`` block finds the model's adapted layers as they are now, not as a previous block saw them."""
+    model, x = tiny_llama(), token_ids(batch=3)
+
+    def assert_routed_rows_match_each_row_alone(names):
+        with torch.no_grad():
+            with lk.route(model, names):
+                routed = model(x).logits
+            for i, name in enumerate(names):
+                if name is None:
+                    with lk.disabled(model):
+                        alone = model(x[i:i + 1]).logits
+                else:
+                    lk.activate(model, name)
+                    alone = model(x[i:i + 1]).logits
+                torch.testing.assert_close(routed[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+    lk.adapt(model, lk.LoRA(rank=2), ["q_proj"], name="a")
+    randomize(model, "a", seed=50)
+    assert_routed_rows_match_each_row_alone(["a", None, "a"])
+    lk.adapt(model, lk.LoRA(rank=2), ["v_proj", "down_proj"], name="b")  # layers no block has seen yet
+    randomize(model, "b", seed=51)
+    assert_routed_rows_match_each_row_alone(["b", "a", None])
+    lk.save(model, tmp_path, name="b")
+    lk.load(model, tmp_path, name="c")
+    assert_routed_rows_match_each_row_alone(["c", "b", "a"])
+    lk.delete(model, "a")
+    with pytest.raises(lk.AdapterNotFoundError, match="'a'"):
+        with lk.route(model, ["a", None, "b"]):
+            pass
+    assert_routed_rows_match_each_row_alone([None, "c", "b"])
+    model = lk.unload(model, merge=False)  # every adapted layer replaced by its original module
+    with pytest.raises(lk.AdapterNotFoundError, match="'b'"):
+        with lk.route(model, ["b", None, None]):
+            pass
+    lk.adapt(model, lk.LoRA(rank=2), ["k_proj"], name="d")
+    randomize(model, "d", seed=52)
+    assert_routed_rows_match_each_row_alone(["d", None, "d"])
+
+
 def test_unload_without_merge_gives_back_the_base():
     reference, x = tiny_llama(), token_ids()
     model = lk.adapt(tiny_llama(), lk.LoRA(rank=2), "all-linear")
@@ -160,6 +200,11 @@ def test_summary_table_counts(capsys):
     assert f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)" in text
     assert "model.layers.1.self_attn.v_proj" in text and "Linear" in text
     assert [line.split()[3] for line in text.splitlines()[2:6]] == ["4", "2", "4", "2"]
+    assert [line.split()[4] for line in text.splitlines()[2:6]] == ["256", "96", "256", "96"]  # r·(d_in + d_out)
+    lk.adapt(model, lk.LoRA(rank=1), ["q_proj"], name="other")
+    rows = [line.split() for line in lk.summary(model).splitlines()[2:-1]]
+    assert [(row[2], row[4]) for row in rows if row[0].endswith("0.self_attn.q_proj")] == [
+        ("default", "0"), ("other*", "64")]  # only the active adapter (*) trains
 
 
 def test_training_moves_only_adapters_and_lowers_the_loss():
@@ -191,6 +236,20 @@ def test_half_precision_base_trains_float32_adapters():
     randomize(model)
     model(x, labels=x).loss.backward()
     assert model.model.layers[0].self_attn.q_proj.adapters["default"].lora_B.grad.dtype == torch.float32
+
+
+def test_merge_on_a_half_precision_base_adds_a_float32_delta_and_unmerges_exactly():
+    model = lk.adapt(tiny_llama().to(torch.bfloat16), lk.LoRA(rank=4, alpha=8), ["q_proj"])
+    randomize(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    adapter, weight = layer.adapters["default"], layer.weight.detach().clone()
+    delta = adapter.scale * adapter.lora_B.detach() @ adapter.lora_A.detach()  # float32
+    expected = (weight.float() + delta).to(torch.bfloat16)  # one rounding, at the end
+    assert not torch.equal(expected, weight + delta.to(torch.bfloat16))  # a bf16 delta would round twice
+    lk.merge(model)
+    assert torch.equal(layer.weight, expected)
+    lk.unmerge(model)
+    assert torch.equal(layer.weight, weight)
 
 
 def test_adapted_model_state_dict_round_trips_through_torch():

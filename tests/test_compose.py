@@ -23,9 +23,18 @@ def _two(method_a, method_b, targets=("q_proj", "v_proj", "embed_tokens")):
     return model
 
 
+FACTORED_PAIRS = {  # every method with low-rank factors; each pair's updates add up to rank 7
+    "lora+rslora": (lk.LoRA(rank=3, alpha=6), lk.LoRA(rank=4, alpha=2, rslora=True),
+                    ("q_proj", "v_proj", "embed_tokens")),
+    "pissa+lora_xs": (lk.PiSSA(rank=2, alpha=4), lk.LoRAXS(rank=3, alpha=6), ("q_proj", "v_proj")),
+    "milora+adalora": (lk.MiLoRA(rank=2), lk.AdaLoRA(init_rank=3, target_rank=1, total_steps=10), ("q_proj", "v_proj")),
+}
+
+
+@pytest.mark.parametrize("pair", FACTORED_PAIRS.values(), ids=FACTORED_PAIRS.keys())
 @pytest.mark.parametrize("how, rank", [("linear", None), ("svd", 7)])
-def test_linear_and_full_rank_svd_are_exact_sums(how, rank):
-    model = _two(lk.LoRA(rank=3, alpha=6), lk.LoRA(rank=4, alpha=2, rslora=True))
+def test_linear_and_full_rank_svd_are_exact_sums(how, rank, pair):
+    model = _two(*pair)
     lk.combine(model, {"sql": 0.7, "chat": -0.3}, name="mix", how=how, rank=rank)
     sql, chat, mix = _deltas(model, "sql"), _deltas(model, "chat"), _deltas(model, "mix")
     for path in mix:
@@ -68,10 +77,11 @@ def test_ties_trims_elects_and_averages():
     torch.testing.assert_close(model[0].adapters["ties"].delta_weight(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_interpolating_svf_experts_mixes_z():
+@pytest.mark.parametrize("method", [lk.SVF(), lk.SVFT(pattern="banded", width=1)], ids=["svf", "svft"])
+def test_interpolating_spectral_experts_mixes_their_values(method):
     model = nn.Sequential(nn.Linear(6, 5))
     for i, name in enumerate(["math", "code"]):
-        lk.adapt(model, lk.SVF(), ["0"], name=name)
+        lk.adapt(model, method, ["0"], name=name)
         randomize(model, name, seed=i)
     lk.combine(model, {"math": 0.6, "code": 0.4}, name="mix", how="interpolate")
     adapters = model[0].adapters

@@ -22,5 +22,8 @@ def test_default_finetune_moves_accuracy_by_50_points(tmp_path):
     assert match, last
     before, after, n = float(match[1]), float(match[2]), int(match[3])
     assert n >= 200 and after - before >= 50, last
-    for name in ("adapter/adapter_config.json", "metrics.jsonl", "loss.png", "report.md"):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png",
+                 "report.md", "predictions.jsonl", "checkpoints/step-000060/trainer_state.pt"):
         assert (tmp_path / "run" / name).is_file(), name
+    report = (tmp_path / "run/report.md").read_text()
+    assert f"| accuracy after | {after:.1f}% |" in report and "peak memory" in report

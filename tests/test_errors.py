@@ -77,23 +77,42 @@ def _assert_untouched(model, before):
     assert torch.equal(model(token_ids()).logits, before)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete-weights", "bad-json", "no-config"])
+def _legacy_garbage(weights, config):
+    weights.unlink()
+    weights.with_name("adapter_model.bin").write_bytes(b"not a pickle" * 10)
+
+
+def _edit_config(config, **changes):
+    fields = {**json.loads(config.read_text()), **changes}
+    config.write_text(json.dumps({k: v for k, v in fields.items() if v is not None}))
+
+
+# damage(weights path, config path), what the error must say
+DAMAGES = {
+    "truncate": (lambda w, c: w.write_bytes(w.read_bytes()[: w.stat().st_size // 2]),
+                 r"adapter_model\.safetensors: truncated or corrupt"),
+    "cut-last-bytes": (lambda w, c: w.write_bytes(w.read_bytes()[:-4]),
+                       r"adapter_model\.safetensors: truncated or corrupt"),
+    "garbage": (lambda w, c: w.write_bytes(b"\x00\x01not a safetensors file" * 10),
+                r"adapter_model\.safetensors: truncated or corrupt"),
+    "legacy-garbage": (_legacy_garbage, r"adapter_model\.bin: truncated or corrupt"),
+    "delete-weights": (lambda w, c: w.unlink(), r"no adapter_model\.safetensors"),
+    "bad-json": (lambda w, c: c.write_text("{not json"), r"adapter_config\.json: not valid JSON"),
+    "json-list": (lambda w, c: c.write_text("[1, 2]"), r"adapter_config\.json: not a JSON object"),
+    "no-rank": (lambda w, c: _edit_config(c, r=None), r"adapter_config\.json: not a valid adapter config .*'r'"),
+    "zero-rank": (lambda w, c: _edit_config(c, r=0), r"adapter_config\.json: .*rank must be > 0"),
+    "no-config": (lambda w, c: c.unlink(), r"no adapter_config\.json"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_corrupt_adapter_files(tmp_path, damage):
     directory = _saved(tmp_path)
-    weights, config = directory / "adapter_model.safetensors", directory / "adapter_config.json"
-    if damage == "truncate":
-        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    elif damage == "garbage":
-        weights.write_bytes(b"\x00\x01not a safetensors file" * 10)
-    elif damage == "delete-weights":
-        weights.unlink()
-    elif damage == "bad-json":
-        config.write_text("{not json")
-    else:
-        config.unlink()
+    spoil, message = DAMAGES[damage]
+    spoil(directory / "adapter_model.safetensors", directory / "adapter_config.json")
     model = tiny_llama()
     before = model(token_ids()).logits
-    with pytest.raises(lk.AdapterFileError, match="adapter"):
+    with pytest.raises(lk.AdapterFileError, match=message):
         lk.load(model, directory)
     _assert_untouched(model, before)
 
@@ -113,6 +132,23 @@ def test_adapter_for_modules_the_model_lacks(tmp_path):
     with pytest.raises(lk.ShapeMismatchError, match=r"layers\.1\.self_attn\.q_proj"):
         lk.load(model, directory)
     assert lk.adapter_names(model) == []
+
+
+def test_a_refused_load_leaves_train_modules_untouched(tmp_path):
+    """The file's own tensors (here a trained norm) are written only once nothing can refuse the load."""
+    saved = lk.adapt(tiny_llama(), lk.LoRA(rank=2), ["q_proj"], train=["model.norm"])
+    randomize(saved)
+    with torch.no_grad():
+        saved.model.norm.weight.mul_(3)
+    lk.save(saved, tmp_path / "adapter")
+    model = lk.adapt(tiny_llama(), lk.LoRA(rank=2), ["v_proj"], name="other")
+    randomize(model)
+    lk.merge(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lk.MergeError, match="unmerge"):
+        lk.load(model, tmp_path / "adapter")
+    assert lk.adapter_names(model) == ["other"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
 def test_unsupported_peft_configs_are_refused(tmp_path):
@@ -171,3 +207,24 @@ def test_route_with_the_wrong_batch_size():
     with pytest.raises(lk.ConfigError, match="2 names for a batch of 3"):
         with lk.route(model, ["a", None]):
             model(token_ids(batch=3))
+
+
+def test_layers_that_filter_out_every_match_are_named():
+    with pytest.raises(lk.TargetNotFoundError, match=r"in layers \[7\] \(they match in layers \[0, 1\]\)"):
+        lk.adapt(tiny_llama(), lk.LoRA(rank=2), ["q_proj"], layers=[7])
+
+
+def test_enable_lora_refuses_alpha_zero():
+    with pytest.raises(lk.ConfigError, match="alpha must be > 0"):
+        lk.enable_lora(tiny_llama(), rank=4, alpha=0)
+
+
+def test_nested_route_gives_the_outer_routing_back():
+    model, x = lk.adapt(tiny_llama(), lk.LoRA(rank=2), ["q_proj"], name="a"), token_ids(batch=2)
+    lk.adapt(model, lk.LoRA(rank=2), ["q_proj"], name="b")
+    randomize(model)
+    with torch.no_grad(), lk.route(model, ["a", "b"]):
+        outer = model(x).logits
+        with lk.route(model, ["b", "a"]):
+            model(x)
+        torch.testing.assert_close(model(x).logits, outer, atol=0, rtol=0)

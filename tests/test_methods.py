@@ -83,15 +83,28 @@ def test_svd_methods_refuse_what_they_cannot_do():
         lk.to_lora(model)
 
 
-def test_trainable_parameter_counts_follow_the_formulas():
-    d_in, d_out, r = 12, 10, 3
+D_IN, D_OUT, R, N, D = 12, 10, 3, 10, 2  # N = min(D_IN, D_OUT); D off-diagonals for SVFT
+FORMULAS = {  # METHODS.md section 0, for one D_OUT×D_IN matrix
+    "lora": (lk.LoRA(rank=R), R * (D_IN + D_OUT)),
+    "rslora": (lk.LoRA(rank=R, rslora=True), R * (D_IN + D_OUT)),
+    "dora": (lk.DoRA(rank=R), R * (D_IN + D_OUT) + D_OUT),
+    "pissa": (lk.PiSSA(rank=R), R * (D_IN + D_OUT)),
+    "pissa-niter": (lk.PiSSA(rank=R, niter=2), R * (D_IN + D_OUT)),
+    "milora": (lk.MiLoRA(rank=R), R * (D_IN + D_OUT)),
+    "lora_xs": (lk.LoRAXS(rank=R), R * R),
+    "svf": (lk.SVF(), N),
+    "svft-plain": (lk.SVFT(), N),
+    "svft-banded": (lk.SVFT(pattern="banded", width=D), N * (2 * D + 1) - D * (D + 1)),
+    "svft-random": (lk.SVFT(pattern="random", width=D), N * (2 * D + 1) - D * (D + 1)),
+    "svft-top_k": (lk.SVFT(pattern="top_k", width=D), N * (2 * D + 1) - D * (D + 1)),
+    "adalora": (lk.AdaLoRA(init_rank=R, target_rank=1, total_steps=10), R * (D_IN + D_OUT + 1)),
+}
 
-    def count(method):
-        return sum(p.numel() for p in lk.trainable_parameters(lk.adapt(_linear(d_in, d_out), method, ["0"])))
 
-    assert count(lk.LoRA(rank=r)) == r * (d_in + d_out)
-    assert count(lk.DoRA(rank=r)) == r * (d_in + d_out) + d_out
-    assert count(lk.PiSSA(rank=r)) == count(lk.MiLoRA(rank=r)) == r * (d_in + d_out)
+@pytest.mark.parametrize("method, expected", FORMULAS.values(), ids=FORMULAS.keys())
+def test_trainable_parameter_counts_follow_the_formulas(method, expected):
+    model = lk.adapt(_linear(D_IN, D_OUT), method, ["0"])
+    assert sum(p.numel() for p in lk.trainable_parameters(model)) == expected
 
 
 @pytest.mark.parametrize("method", [lk.PiSSA(rank=4, alpha=8), lk.PiSSA(rank=4, niter=2), lk.MiLoRA(rank=4)])
@@ -110,6 +123,72 @@ def test_trained_svd_adapter_converts_to_a_lora_peft_loads(method, tmp_path):
     assert type(model.model.layers[0].self_attn.q_proj.recipes["default"]) is lk.LoRA
     torch.testing.assert_close(model(x).logits, expected, atol=1e-5, rtol=1e-5)
     assert lk.trainable_parameters(model)  # the converted adapter is still the active, trainable one
+
+
+def _peft_pissa(targets, **kwargs):
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=targets, **kwargs)
+    return peft.get_peft_model(tiny_llama(), config)
+
+
+def test_pissa_trains_like_peft_pissa():
+    """PEFT moves the start into its factors and trains on the residual base; ours keeps W: same function."""
+    x, targets = token_ids(batch=4, length=12), ["q_proj", "v_proj", "down_proj"]
+    ours = lk.adapt(tiny_llama(), lk.PiSSA(rank=4, alpha=8), targets)
+    theirs = _peft_pissa(targets)
+    ours_named = {n.replace(".adapters.default.", "."): p for n, p in ours.named_parameters() if p.requires_grad}
+    theirs_named = {n.removeprefix("base_model.model.").replace(".default.weight", ""): p
+                    for n, p in theirs.named_parameters() if p.requires_grad}
+    # Copying our factors into PEFT's is consistent with its residual: a singular pair's sign cancels in B0·A0.
+    runs = train_side_by_side([(ours, ours_named), (theirs, theirs_named)], x, steps=4)
+    assert runs[0] == pytest.approx(runs[1], abs=1e-5) and runs[0][-1] < runs[0][0]
+
+
+def test_pissa_dropout_leaves_the_frozen_start_alone():
+    """Dropout reaches only the trainable chain: W_res·x + s·B·A·dropout(x), as PEFT on its residual base."""
+    x, targets = token_ids(), ["q_proj", "v_proj", "down_proj"]
+    base = tiny_llama()(x).logits
+    ours = lk.adapt(tiny_llama(), lk.PiSSA(rank=4, alpha=8, dropout=0.3), targets).train()
+    theirs = _peft_pissa(targets, lora_dropout=0.3).train()
+    torch.manual_seed(5)  # the same layers in the same order draw the same dropout masks
+    ours_out = ours(x).logits
+    torch.manual_seed(5)
+    torch.testing.assert_close(ours_out, theirs(x).logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours_out, base, atol=1e-3)  # the dropout was real
+
+
+def test_svd_start_adapters_live_beside_others():
+    model, x = _linear(), torch.randn(4, 12)
+    lk.adapt(model, lk.PiSSA(rank=3), ["0"], name="p")
+    lk.adapt(model, lk.MiLoRA(rank=2), ["0"], name="m")
+    lk.adapt(model, lk.LoRA(rank=2), ["0"], name="l")
+    randomize(model)
+    layer, W = model[0], model[0].weight.detach().clone()
+    lk.activate(model, ["p", "m", "l"])
+    delta = sum(layer.adapters[n].delta_weight() for n in ("p", "m", "l"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), x @ (W + delta).t() + layer.bias, atol=1e-5, rtol=1e-5)
+        with lk.disabled(model):
+            assert torch.equal(model(x), x @ W.t() + layer.bias)
+    assert torch.equal(layer.weight, W)
+
+
+def test_spectral_basis_shares_the_cached_factors():
+    """SVF/SVFT keep every layer's U and Vᵀ; a copy beside the SVD cache's own would double that memory."""
+    model = lk.adapt(_linear(), lk.SVF(), ["0"])
+    adapter, weight = _adapter(model), model[0].weight
+    U, _, Vh = svd.svd(weight.detach(), source=weight)
+    assert adapter.U.data_ptr() == U.data_ptr() and adapter.Vh.data_ptr() == Vh.data_ptr()
+    assert U.is_contiguous() and Vh.is_contiguous()
+
+
+def test_svd_runs_in_float32_on_half_precision_weights():
+    W = torch.randn(8, 6).bfloat16()
+    svd.clear_cache()
+    U, S, Vh = svd.svd(W)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    torch.testing.assert_close(U @ torch.diag(S) @ Vh, W.float(), atol=1e-5, rtol=1e-5)
+    _, S4, _ = svd.svd(W, 4, niter=4)
+    assert S4.dtype == torch.float32
 
 
 def test_native_reload_never_redoes_the_svd(tmp_path, monkeypatch):
@@ -136,6 +215,8 @@ def test_dora_norm_is_detached_and_matches_the_direct_formula():
 DORA_SETUPS = {
     "llama-qv": (tiny_llama, dict(targets=["q_proj", "v_proj"]), dict(target_modules=["q_proj", "v_proj"])),
     "llama-all-linear": (tiny_llama, dict(targets="all-linear"), dict(target_modules="all-linear")),
+    "llama-rslora": (tiny_llama, dict(targets=["q_proj", "down_proj"]),
+                     dict(target_modules=["q_proj", "down_proj"], use_rslora=True)),
     "gpt2": (tiny_gpt2, dict(targets=["c_attn", "c_proj"]), dict(target_modules=["c_attn", "c_proj"],
                                                                  fan_in_fan_out=True)),
     "embedding": (tiny_llama, dict(targets=["embed_tokens", "o_proj"]), dict(target_modules=["embed_tokens", "o_proj"])),
@@ -146,7 +227,8 @@ DORA_SETUPS = {
 def test_dora_parity_with_peft_both_ways(setup, tmp_path):
     build, ours_kwargs, peft_kwargs = setup
     x = token_ids()
-    model = lk.adapt(build(), lk.DoRA(rank=4, alpha=8), **ours_kwargs)
+    rslora = peft_kwargs.get("use_rslora", False)
+    model = lk.adapt(build(), lk.DoRA(rank=4, alpha=8, rslora=rslora), **ours_kwargs)
     randomize(model)
     expected = model(x).logits
     lk.save(model, tmp_path / "ours")
@@ -162,7 +244,7 @@ def test_dora_parity_with_peft_both_ways(setup, tmp_path):
     theirs.eval()
     theirs.save_pretrained(tmp_path / "peft")
     ours = lk.load(build(), tmp_path / "peft")
-    assert isinstance(lk.model.adapted_layers(ours)[0][1].recipes["default"], lk.DoRA)
+    assert lk.model.adapted_layers(ours)[0][1].recipes["default"] == lk.DoRA(rank=4, alpha=8, rslora=rslora)
     torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-5, rtol=1e-5)
 
 
@@ -256,16 +338,22 @@ def test_svft_parameter_counts_and_support(pattern, width):
     assert len(positions) == expected and {(i, i) for i in range(n)} <= positions  # distinct, diagonal kept
     if pattern == "banded":
         assert all(abs(i - j) <= d for i, j in positions)
+    U, S, Vh, W = adapter.U, adapter.spectrum, adapter.Vh, model[0].weight.detach()
+    torch.testing.assert_close(U @ torch.diag(S) @ Vh, W, atol=1e-5, rtol=1e-5)  # the basis is W's SVD
+    torch.testing.assert_close(S, torch.linalg.svdvals(W), atol=1e-5, rtol=1e-5)
     if pattern == "top_k":
-        U, Vh = adapter.U, adapter.Vh
         alignment = (U[:n].t() @ Vh[:, :n].t()).abs()
         off = [alignment[i, j] for i, j in positions if i != j]
         rest = [alignment[i, j] for i in range(n) for j in range(n) if i != j and (i, j) not in positions]
         assert min(off) >= max(rest)
     with torch.no_grad():
         adapter.values.normal_()
-    M = adapter.dense()
-    torch.testing.assert_close(adapter.delta_weight(), adapter.U @ M @ adapter.Vh, atol=1e-5, rtol=1e-5)
+        M = torch.zeros(n, n)  # built entry by entry, not by the adapter's own scatter
+        for i, j, v in zip(adapter.rows.tolist(), adapter.cols.tolist(), adapter.values.tolist()):
+            M[i, j] = v
+        torch.testing.assert_close(adapter.delta_weight(), U @ M @ Vh, atol=1e-5, rtol=1e-5)
+        x = torch.randn(4, d_in)
+        torch.testing.assert_close(model(x), x @ (W + U @ M @ Vh).t() + model[0].bias, atol=1e-5, rtol=1e-5)
 
 
 def test_svft_random_pattern_is_seeded():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import string
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import lorakit as lk
 from lorakit.cli import main as cli
 from lorakit.train import config as cfg
 from lorakit.train import data, tasks
-from lorakit.train.trainer import CompletionLoss, TrainingError, finetune
+from lorakit.train.trainer import CompletionLoss, TrainingError, datasets, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"
@@ -59,7 +61,20 @@ def _losses(run: Path) -> list[float]:
             if '"loss"' in line]
 
 
+@pytest.fixture(scope="module")
+def straight(tiny_dir, tmp_path_factory) -> Path:
+    """An uninterrupted 8-step run, the reference of the resume tests."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    finetune(_config(tiny_dir, run, steps=8, save_every=0), log=lambda m: None)
+    return run
+
+
 # --- tasks and data --------------------------------------------------------------------------------
+def test_there_are_two_built_in_tasks_and_the_default_evaluates_200():
+    assert len(tasks.TASKS) >= 2 and cfg.FinetuneConfig().task in tasks.TASKS
+    assert cfg.FinetuneConfig().eval_examples >= 200
+
+
 @pytest.mark.parametrize("task", tasks.TASKS)
 def test_tasks_are_deterministic_and_held_out(task):
     train, evaluation = tasks.split(task, 2000, 200, seed=3)
@@ -104,6 +119,24 @@ def test_data_formats_and_line_numbered_errors(tmp_path):
         data.read(tmp_path / "bad.csv")
 
 
+def test_a_validation_split_is_carved_off_the_data(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(20)))
+    settings = dict(data=str(path), val_fraction=0.25, max_length=64)
+    train, evaluation, validation = datasets(cfg.FinetuneConfig(**settings), tokenizer)
+    held_out = {p for p, _ in evaluation}
+    assert len(evaluation) == len(validation.examples) == 5 and len(train.examples) == 15
+    trained = {tokenizer.decode([t for t, label in zip(e["input_ids"], e["labels"]) if label == data.IGNORE])
+               for e in train.examples}
+    assert len(trained) == 15 and not trained & held_out  # every prompt on one side only
+    assert {p for p, _ in datasets(cfg.FinetuneConfig(**settings), tokenizer)[1]} == held_out  # seeded
+    given = datasets(cfg.FinetuneConfig(**settings, eval_data=str(path)), tokenizer)
+    assert len(given[0].examples) == 20 and len(given[1]) == 20  # --eval-data given: nothing is carved off
+
+
 def test_loss_masks_the_prompt_and_counts_truncation(tiny_dir):
     from transformers import AutoTokenizer
 
@@ -119,6 +152,10 @@ def test_loss_masks_the_prompt_and_counts_truncation(tiny_dir):
     chat = out.examples[1]
     answer = [t for t, label in zip(chat["input_ids"], chat["labels"]) if label != data.IGNORE]
     assert tokenizer.decode(answer) == "yo<|im_end|>\n"
+    # Generation starts from the very ids training put before the completion.
+    assert data.prompt_ids("abc", tokenizer) == first["input_ids"][:3]
+    prompt_length = chat["labels"].count(data.IGNORE)
+    assert data.prompt_ids(records[1]["messages"][:1], tokenizer) == chat["input_ids"][:prompt_length]
 
 
 def test_completion_loss_equals_the_model_loss_on_label_positions(tiny_dir):
@@ -137,21 +174,66 @@ def test_completion_loss_equals_the_model_loss_on_label_positions(tiny_dir):
 
 # --- the loop ------------------------------------------------------------------------------------
 def test_finetune_writes_every_output(tiny_dir, tmp_path):
-    summary = finetune(_config(tiny_dir, tmp_path / "run", skip_eval_before=False, val_every=3), log=lambda m: None)
     run = tmp_path / "run"
+    (run / "checkpoints/step-000099").mkdir(parents=True)  # an earlier run's: a fresh run clears it
+    summary = finetune(_config(tiny_dir, run, skip_eval_before=False, val_every=3, save_every=2, max_length=100),
+                       log=lambda m: None)
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png",
                  "report.md", "predictions.jsonl"):
         assert (run / name).is_file(), name
     assert len(_losses(run)) == 6 and summary["steps"] == 6
     assert summary["accuracy_before"] is not None and summary["eval_examples"] == 8
+    assert summary["truncated"] > 0  # the longest date prompts (character tokens) run past 100
     assert "val_loss" in (run / "metrics.jsonl").read_text()
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+    # Written at steps 2, 4, 6; the last two kept; no temporary directory left behind.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
     report = (run / "report.md").read_text()
-    assert "accuracy before" in report and "trainable parameters" in report and "Command:" in report
+    for item in ("accuracy before", "accuracy after", "trainable parameters", "| time |", "tokens/s",
+                 "peak memory", f"examples truncated / dropped | {summary['truncated']} /", "Command:"):
+        assert item in report, item
 
 
-def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):
-    finetune(_config(tiny_dir, tmp_path / "straight", steps=8, save_every=0), log=lambda m: None)
+def test_learning_rate_warms_up_then_follows_a_cosine(tiny_dir, straight):
+    from lorakit.train.trainer import _schedule
+
+    config = _config(tiny_dir, "unused", steps=8)  # warm-up 2 steps
+    factor = _schedule(config)
+    assert [factor(s) for s in range(3)] == [0.5, 1.0, 1.0]
+    decay = [factor(s) for s in range(2, 8)]
+    assert decay == sorted(decay, reverse=True) and 0 < decay[-1] < 0.1
+    assert factor(5) == pytest.approx(0.5)  # half-way through the cosine
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+    assert [r["lr"] for r in rows] == pytest.approx([config.lr * factor(s) for s in range(8)])
+
+
+def test_accumulation_checkpointing_and_bf16_keep_the_losses(tiny_dir, tmp_path, monkeypatch):
+    """Two micro-batches per step, or recomputed activations, give the plain run's losses (dropout off:
+    accumulation draws its masks per micro-batch); bf16 autocast gives close but different ones."""
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_and_check(params, max_norm, *args, **kwargs):
+        params = list(params)
+        total = clip(params, max_norm, *args, **kwargs)
+        norms.append((float(total), float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_check)
+    runs = {"plain": {}, "accum": {"grad_accum": 2}, "recompute": {"gradient_checkpointing": True},
+            "bf16": {"bf16": True}}
+    for name, changes in runs.items():
+        finetune(_config(tiny_dir, tmp_path / name, steps=3, save_every=0, dropout=0.0, max_grad_norm=0.1,
+                         **changes), log=lambda m: None)
+    plain = _losses(tmp_path / "plain")
+    assert _losses(tmp_path / "accum") == pytest.approx(plain, rel=1e-5)
+    assert _losses(tmp_path / "recompute") == pytest.approx(plain, rel=1e-6)
+    assert _losses(tmp_path / "bf16") != plain and _losses(tmp_path / "bf16") == pytest.approx(plain, rel=0.05)
+    # Clipped every step: gradients above the norm come out at it.
+    assert len(norms) == 3 * len(runs) and any(before > 0.1 for before, _ in norms)
+    assert all(after == pytest.approx(min(before, 0.1), rel=1e-4) for before, after in norms)
+
+
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch, straight):
     calls = {"n": 0}
     real = data.collate
 
@@ -167,15 +249,15 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_dir, tmp_path, mo
     monkeypatch.setattr(data, "collate", real)
     assert (tmp_path / "resumed/checkpoints/step-000004").is_dir()  # Ctrl-C saved where it stopped
     finetune(_config(tiny_dir, tmp_path / "resumed", steps=8, save_every=0, resume="auto"), log=lambda m: None)
-    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")  # bitwise, dropout included
+    assert _losses(tmp_path / "resumed") == _losses(straight)  # bitwise, dropout included
     from safetensors.torch import load_file
 
-    a = load_file(tmp_path / "straight/adapter/adapter_model.safetensors")
+    a = load_file(straight / "adapter/adapter_model.safetensors")
     b = load_file(tmp_path / "resumed/adapter/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, monkeypatch, straight):
     real = CompletionLoss.forward
     calls = {"n": 0}
 
@@ -185,36 +267,86 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, m
         return (loss * float("nan"), n) if calls["n"] == 5 else (loss, n)
 
     monkeypatch.setattr(CompletionLoss, "forward", nan_at_step_five)
-    with pytest.raises(TrainingError, match=r"loss is nan at step 5; stopping \(the last good checkpoint is .*step-000003"):
+    kept = r"loss is nan at step 5; stopping \(the last good checkpoint is .*step-000003"
+    with pytest.raises(TrainingError, match=kept):
         finetune(_config(tiny_dir, tmp_path / "run", steps=8), log=lambda m: None)
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step-000003"]
+    # Resuming redoes step 4, logged once: the curve reads as the uninterrupted run's.
+    monkeypatch.setattr(CompletionLoss, "forward", real)
+    finetune(_config(tiny_dir, tmp_path / "run", steps=8, resume="auto"), log=lambda m: None)
+    assert _losses(tmp_path / "run") == _losses(straight)
 
 
-@pytest.mark.parametrize("method", ["dora", "pissa", "adalora", "svft"])
+def test_every_method_of_lk_is_selectable():
+    from lorakit.methods.base import METHODS
+    from lorakit.train.trainer import recipe
+
+    assert set(METHODS) <= set(cfg.METHOD_NAMES)
+    for name in cfg.METHOD_NAMES:
+        made = recipe(cfg.FinetuneConfig(method=name))
+        assert type(made) is METHODS[name.replace("rslora", "lora")]
+    assert recipe(cfg.FinetuneConfig(method="rslora")).rslora
+
+
+@pytest.mark.parametrize("method", [m for m in cfg.METHOD_NAMES if m != "lora"])
 def test_other_methods_train_from_the_loop(tiny_dir, tmp_path, method):
     summary = finetune(_config(tiny_dir, tmp_path / method, method=method, steps=4, save_every=0),
                        log=lambda m: None)
     assert (tmp_path / method / "adapter/adapter_config.json").is_file() and summary["steps"] == 4
+    assert all(math.isfinite(loss) for loss in _losses(tmp_path / method))
+
+
+def test_the_loop_runs_adalora_rank_budget(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    finetune(_config(tiny_dir, tmp_path / "run", method="adalora", rank=4, target_rank=2, steps=10, save_every=0),
+             log=lambda m: None)
+    saved = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
+    kept = [t.shape[0] for k, t in saved.items() if k.endswith("lora_E")]
+    assert kept and sum(kept) == 2 * len(kept)  # pruned from 4 to 2 triplets per matrix on average
+
+
+def test_lora_plus_gives_b_matrices_a_larger_learning_rate(tiny_dir, tmp_path, monkeypatch):
+    seen = []
+    real = torch.optim.AdamW
+
+    def recording(groups, **kwargs):
+        seen.extend(g["lr"] for g in groups)
+        return real(groups, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    finetune(_config(tiny_dir, tmp_path / "run", steps=1, save_every=0, lora_plus_ratio=16), log=lambda m: None)
+    assert sorted(seen) == pytest.approx([1e-2, 16e-2])
+
+
+def _lorakit(*args: str, torchrun: bool = False) -> None:
+    """Run ``python -m lorakit args`` (under torchrun with 2 processes), failing with its stderr."""
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else []
+    done = subprocess.run([sys.executable, *launch, "-m", "lorakit", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one(tiny_dir, tmp_path, strategy):
-    """Two gloo processes splitting each global batch give one process's losses (float sums differ in order)."""
+    """Two gloo processes splitting each global batch give one process's losses.
+
+    Tolerance rel=1e-5: each process sums the loss over its half of the label positions and the halves
+    are all-reduced, as are the gradients, so the float32 additions run in another order. That moves a
+    sum by a unit or two in the last place: measured, 1e-7 relative (one float32 ulp) on the first step
+    and nothing after. 1e-5 leaves room for AdamW to amplify that over four steps, while a real fault
+    (a rank's rows lost or counted twice, a wrong normalisation) moves the losses by percents.
+    """
     args = ["finetune", "--model", str(tiny_dir), "--steps", "4", "--batch-size", "4", "--train-examples", "40",
             "--eval-examples", "4", "--max-new-tokens", "4", "--skip-eval-before", "--val-every", "0",
             "--save-every", "2", "--lr", "1e-2", "--dropout", "0.0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "lorakit", *args,
-                    "--strategy", strategy, "--out", str(tmp_path / "ddp")], check=True, env=env, capture_output=True,
-                   cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "lorakit", *args, "--out", str(tmp_path / "one")], check=True, env=env,
-                   capture_output=True, cwd=ROOT)
-    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
-    # A checkpoint of the distributed run resumes in one process.
-    subprocess.run([sys.executable, "-m", "lorakit", *args, "--steps", "4", "--out", str(tmp_path / "ddp"),
-                    "--resume", str(tmp_path / "ddp/checkpoints/step-000002")], check=True, env=env,
-                   capture_output=True, cwd=ROOT)
-    assert _losses(tmp_path / "ddp")[-2:] == pytest.approx(_losses(tmp_path / "one")[-2:], rel=1e-5)
+    _lorakit(*args, "--strategy", strategy, "--out", str(tmp_path / "two"), torchrun=True)
+    _lorakit(*args, "--out", str(tmp_path / "one"))
+    one = _losses(tmp_path / "one")
+    assert _losses(tmp_path / "two") == pytest.approx(one, rel=1e-5)
+    # A checkpoint of the distributed run resumes in one process and continues its curve.
+    _lorakit(*args, "--out", str(tmp_path / "two"), "--resume", str(tmp_path / "two/checkpoints/step-000002"))
+    assert _losses(tmp_path / "two") == pytest.approx(one, rel=1e-5)
 
 
 # --- configs and the command ---------------------------------------------------------------------
@@ -239,18 +371,50 @@ def test_every_shipped_yaml_config_loads(path):
     config.check()
 
 
-def test_cli_commands(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["finetune", "eval", "generate", "merge", "params"])
+def test_help_explains_every_option(command, capsys):
+    from lorakit.cli import COMMANDS
+
+    with pytest.raises(SystemExit):
+        cli([command, "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at spaces and after hyphens
+    for f in cfg.fields(COMMANDS[command][0]):
+        assert f.metadata.get("help"), f"{command} --{f.name} has no help"
+        assert f"--{f.name.replace('_', '-')}" in text and "".join(f.metadata["help"].split()) in text, f.name
+        if f.metadata.get("choices"):
+            assert "{" + ",".join(f.metadata["choices"]) + "}" in text, f.name
+    assert "--config" in text
+
+
+def test_cli_commands(tiny_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert cli(["finetune", "--model", str(tiny_dir), "--out", str(out), "--steps", "3", "--batch-size", "4",
                 "--train-examples", "20", "--eval-examples", "4", "--max-new-tokens", "6", "--rank", "2"]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = capsys.readouterr()
+    last = printed.out.strip().splitlines()[-1]
     assert last.startswith("accuracy: ") and last.endswith("(task date, 4 eval examples)")
+    assert all(item in printed.err for item in ("training: 100%", "3/3", "loss=", "tok_s=", "s/step"))  # progress bar
     assert cli(["eval", "--model", str(tiny_dir), "--adapter", str(out / "adapter"), "--eval-examples", "4",
                 "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.strip().startswith("accuracy: ")
     assert cli(["generate", "--model", str(tiny_dir), "--adapter", str(out / "adapter"), "--prompt", "hi",
                 "--max-new-tokens", "5"]) == 0
     answer = capsys.readouterr().out
+    import io
+
+    from lorakit.train import trainer
+
+    turns, real_generate = [], trainer.generate
+
+    def counting(model, tokenizer, prompts, *rest):
+        turns.append(len(prompts[0]))  # messages in the conversation so far
+        return real_generate(model, tokenizer, prompts, *rest)
+
+    monkeypatch.setattr(trainer, "generate", counting)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nand again\n\nnot read\n"))
+    assert cli(["generate", "--model", str(tiny_dir), "--adapter", str(out / "adapter"), "--max-new-tokens", "5"]) == 0
+    assert turns == [1, 3] and sys.stdin.read() == "not read\n"  # the chat keeps its history; an empty line ends it
+    capsys.readouterr()
     assert cli(["merge", "--model", str(tiny_dir), "--adapter", str(out / "adapter"), "--out",
                 str(tmp_path / "merged")]) == 0
     assert cli(["generate", "--model", str(tmp_path / "merged"), "--prompt", "hi", "--max-new-tokens", "5"]) == 0
@@ -290,3 +454,27 @@ def test_cli_errors_are_clear(tiny_dir, tmp_path, capsys):
                 str(tmp_path / "r")]) == 2
     assert "d.jsonl:2: not valid JSON" in capsys.readouterr().err
     assert cli(["params", "--shape", "12by4"]) == 2
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa"])
+def test_finetune_on_a_4bit_base(tiny_dir, tmp_path, method):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    logged = []
+    finetune(_config(tiny_dir, run, quantize="nf4", method=method, steps=8, save_every=0, dropout=0.0),
+             log=logged.append)
+    losses = _losses(run)
+    assert losses[-1] < losses[0], losses
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    if method == "pissa":  # QPiSSA: the saved start makes the same residual to quantize
+        lk.quantize(lk.load(model, run / "adapter"), "nf4")
+    else:
+        lk.load(lk.quantize(model, "nf4"), run / "adapter")
+    layers = lk.model.adapted_layers(model)
+    assert layers and all(type(layer.weight).__name__ == "Params4bit" for _, layer in layers)
+    base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
+    trainable, total = next(map(int, m.group(1, 2)) for line in logged  # packed 4-bit weights counted as weights
+                            for m in [re.search(r"([\d]+) trainable of ([\d]+) parameters", line.replace(",", ""))] if m)
+    assert total == base + trainable, logged

@@ -8,11 +8,11 @@ principal triplets, MiLoRA on the r minor ones, split symmetrically with the sca
 The papers then replace W by the residual ``W − s·B0·A0``. Here the base stays untouched and the
 adapter is the difference from its own start, with A0 and B0 frozen:
 
-    h = W·x + s·(B·(A·x) − B0·(A0·x))          (= the papers' W_res·x + s·B·A·x exactly)
+    h = W·x + s·(B·(A·dropout(x)) − B0·(A0·x))     (= the papers' W_res·x + s·B·A·dropout(x) exactly)
 
-so the output at init equals the base bit for bit, ``lk.disabled`` is the base, other adapters can
-sit beside it, and ``to_lora()`` is the plain rank-2r LoRA ``A' = [A; A0]``, ``B' = [B | −B0]`` that
-PEFT loads on the original base.
+so the output at init (without dropout) equals the base bit for bit, ``lk.disabled`` is the base,
+other adapters can sit beside it, and ``to_lora()`` is the plain rank-2r LoRA ``A' = [A; A0]``,
+``B' = [B | −B0]`` that PEFT loads on the original base.
 """
 
 from __future__ import annotations
@@ -108,11 +108,12 @@ class SVDStartAdapter(nn.Module):
         self.register_buffer("init_B", B0)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.dropout is not None:
-            x = self.dropout(x)
         x = x.to(self.lora_A.dtype)
+        # Dropout belongs to the trainable chain only: the frozen one stands for the part of W the papers
+        # move out of the base (W_res·x sees the whole input), so it must see x as W does.
+        dropped = x if self.dropout is None else self.dropout(x)
         # Two identical chains subtracted (not one rank-2r product) so they cancel exactly while B = B0, A = A0.
-        delta = (F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B)
+        delta = (F.linear(F.linear(dropped, self.lora_A) * self.scale, self.lora_B)
                  - F.linear(F.linear(x, self.init_A) * self.scale, self.init_B))
         return out + delta.to(out.dtype)
 
@@ -120,6 +121,10 @@ class SVDStartAdapter(nn.Module):
         """ΔW = s·(B·A − B0·A0), float32."""
         A, B, A0, B0 = (t.float() for t in (self.lora_A, self.lora_B, self.init_A, self.init_B))
         return (B @ A - B0 @ A0) * self.scale
+
+    def start(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A0, s·B0)``: the low-rank part of W the adapter starts from (QPiSSA quantizes W minus it)."""
+        return self.init_A, self.init_B * self.scale
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A', B')`` of the equivalent plain LoRA of rank 2r: ``[A; A0]``, ``[B | −B0]``."""
@@ -130,7 +135,8 @@ class SVDStartAdapter(nn.Module):
         return (*self.lora_factors(), self.scale)
 
     def to_lora(self) -> tuple[LoRA, LoRAAdapter]:
-        """The plain rank-2r LoRA recipe and adapter computing the same update."""
+        """The plain rank-2r LoRA recipe and adapter computing the same update (its dropout, if any,
+        covers both halves, as in PEFT's conversion: the same function outside training)."""
         recipe = LoRA(rank=2 * self.rank, alpha=self.scale * 2 * self.rank, dropout=self.dropout_p)
         adapter = recipe.build(self.spec)
         A, B = self.lora_factors()

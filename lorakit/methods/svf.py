@@ -83,11 +83,12 @@ class SpectralAdapter(nn.Module):
         if self.dropout is not None:
             x = self.dropout(x)
         h = x.to(self.Vh.dtype) @ self.Vh.t()  # (..., n): coordinates in the right singular basis
-        c = self.coefficients()
         if self.diagonal:
-            h = h * c
+            h = h * self.coefficients()
         else:
-            h = torch.zeros_like(h).index_add_(-1, self.rows, h[..., self.cols] * c)
+            # One n×n matmul: gathering h at each of M's k entries would keep a (tokens, k) tensor per
+            # layer for backward (k = 33n for SVFT's banded d=16), gigabytes for a 135M model.
+            h = h @ self.dense().to(h.dtype).t()
         if out.dtype != h.dtype:
             return out + (h @ self.U.t()).to(out.dtype)
         return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.U.t()).view(out.shape)
@@ -95,8 +96,9 @@ class SpectralAdapter(nn.Module):
     def dense(self) -> torch.Tensor:
         """M as a dense n×n float32 matrix."""
         n = self.spectrum.shape[0]
-        M = torch.zeros(n, n, device=self.values.device)
-        return M.index_put_((self.rows, self.cols), self.coefficients().float(), accumulate=True)
+        # index_add on the flat index (repeated entries add up), far faster than index_put's accumulate.
+        M = torch.zeros(n * n, device=self.values.device)
+        return M.index_add_(0, self.rows * n + self.cols, self.coefficients().float()).view(n, n)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = U·M·Vᵀ, float32."""
@@ -123,6 +125,6 @@ class SpectralAdapter(nn.Module):
 
 
 def _is_diagonal(rows: torch.Tensor, cols: torch.Tensor, n: int) -> bool:
-    """Whether M's support is exactly its diagonal, in order: then M is an elementwise scale, no scatter."""
+    """Whether M's support is exactly its diagonal, in order: then M is an elementwise scale, no matmul."""
     index = torch.arange(n, device=rows.device)
     return rows.shape == index.shape and torch.equal(rows, index) and torch.equal(cols, index)

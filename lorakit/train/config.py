@@ -48,6 +48,8 @@ class AdapterConfig:
     svft_pattern: str = option("plain", "svft: support of M", ("plain", "banded", "random", "top_k"))
     svft_width: int = option(0, "svft: off-diagonals of the banded/random/top_k pattern")
     target_rank: int = option(8, "adalora: average rank after pruning")
+    quantize: str = option("", "QLoRA: hold the frozen base in nf4 (4-bit NormalFloat, double-quantized), fp4 or "
+                           "int8 (bitsandbytes); empty = full precision", ("", "nf4", "fp4", "int8"))
 
 
 @dataclass
@@ -74,16 +76,20 @@ class FinetuneConfig(GenerateConfig, AdapterConfig, DataConfig, ModelConfig):
     keep_last: int = option(2, "checkpoints kept")
     resume: str = option("", "'auto' = latest checkpoint in --out, or a checkpoint directory")
     skip_eval_before: bool = option(False, "skip the exact-match evaluation before training")
-    strategy: str = option("auto", "parallelism under torchrun: ddp, fsdp, or auto (ddp when WORLD_SIZE > 1)",
+    strategy: str = option("auto", "parallelism under torchrun: ddp, fsdp, auto (ddp when WORLD_SIZE > 1) "
+                           "or none (each process trains alone)",
                            ("auto", "none", "ddp", "fsdp"))
 
     def check(self) -> None:
         """Raise ConfigError for settings that cannot work together."""
-        positive = {k: getattr(self, k) for k in ("steps", "batch_size", "grad_accum", "rank", "max_length",
-                                                   "eval_examples", "train_examples", "max_new_tokens")}
-        for key, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"--{key.replace('_', '-')} must be > 0, got {value}")
+        positive = ("steps", "batch_size", "grad_accum", "rank", "max_length", "eval_examples", "train_examples",
+                    "max_new_tokens", "eval_batch_size", "keep_last")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be > 0, got {getattr(self, key)}")
+        for key in ("warmup_steps", "val_every", "save_every", "max_grad_norm", "weight_decay", "lora_plus_ratio"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} must be divisible by --grad-accum {self.grad_accum}")
         if not self.lr > 0:

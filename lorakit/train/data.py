@@ -85,21 +85,35 @@ class Tokenized:
     dropped: int = 0
 
 
+def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def _chat_prefix(tokenizer, messages: list[dict]) -> str:
+    """The chat template's rendering of ``messages`` up to the assistant's turn."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prompt_ids(prompt: str | list[dict], tokenizer) -> list[int]:
+    """The ids a model continues from, exactly as training encodes a prompt: chat messages through the
+    chat template (which writes its own special tokens), raw text with the tokenizer's special tokens."""
+    if isinstance(prompt, list):
+        return _encode(tokenizer, _chat_prefix(tokenizer, prompt))
+    return _encode(tokenizer, prompt, special=True)
+
+
 def _pieces(record: dict, tokenizer) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) of one record."""
-    def encode(text: str, special: bool = False) -> list[int]:
-        return tokenizer(text, add_special_tokens=special)["input_ids"]
-
     if "messages" in record:
         messages = record["messages"]
-        prefix = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        prefix = _chat_prefix(tokenizer, messages[:-1])
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         if not full.startswith(prefix):
             raise DataError("the chat template renders the conversation and its prefix inconsistently")
-        return encode(prefix), encode(full[len(prefix):])
+        return _encode(tokenizer, prefix), _encode(tokenizer, full[len(prefix):])
     if "text" in record:
-        return [], encode(record["text"], special=True)
-    return encode(record["prompt"], special=True), encode(record["completion"]) + [tokenizer.eos_token_id]
+        return [], _encode(tokenizer, record["text"], special=True)
+    return prompt_ids(record["prompt"], tokenizer), _encode(tokenizer, record["completion"]) + [tokenizer.eos_token_id]
 
 
 def tokenize(records: list[dict], tokenizer, max_length: int) -> Tokenized:

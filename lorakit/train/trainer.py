@@ -60,6 +60,19 @@ def recipe(config) -> object:
     return makers[config.method]()
 
 
+def prepare(model, config, log=print) -> None:
+    """Quantize the base if asked and adapt it: after a PiSSA/MiLoRA start is known, so that the
+    quantized part is the residual (QPiSSA), else before."""
+    if config.quantize:
+        models.ensure_package("bitsandbytes", "bitsandbytes>=0.50", log)
+    residual = config.method in ("pissa", "milora")
+    if config.quantize and not residual:
+        lk.quantize(model, config.quantize)
+    lk.adapt(model, recipe(config), targets_of(config.targets))
+    if config.quantize and residual:
+        lk.quantize(model, config.quantize)
+
+
 def targets_of(text: str):
     """--targets: 'all-linear', a comma-separated name list, or a regex (anything with regex characters)."""
     if text == "all-linear" or any(c in text for c in "()[]*+?|\\^$"):
@@ -119,34 +132,37 @@ class CompletionLoss(torch.nn.Module):
         return total / max(len(targets), 1), len(targets)
 
 
-def render_prompt(tokenizer, prompt) -> str:
-    """The text the model continues: chat messages through the chat template, raw text as it is."""
-    if isinstance(prompt, list):
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    return prompt
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers to ``prompts``, decoded in batches of similar length with the KV cache."""
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    answers: list[str] = [""] * len(texts)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # left padding: every row ends at its prompt
+    """Greedy answers to ``prompts`` (raw text, or chat messages for the chat template), decoded in
+    batches of similar length with the KV cache. Prompts are encoded exactly as training encodes them."""
+    ids = [data_mod.prompt_ids(p, tokenizer) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    answers: list[str] = [""] * len(ids)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            batch = tokenizer([texts[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = _left_padded([ids[i] for i in index], tokenizer.pad_token_id)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
             for i, row in zip(index, out[:, batch["input_ids"].shape[1]:]):
                 answers[i] = tokenizer.decode(row, skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return answers
+
+
+def _left_padded(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` padded on the left, so every row ends where generation starts."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, length - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def accuracy(model, tokenizer, examples, config) -> tuple[float, list[dict]]:
@@ -183,7 +199,8 @@ def _full_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     model_state, optimizer_state = get_state_dict(model, optimizer,
                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items() if ".adapters." in k or k in trained}
+    # Copies: safetensors refuses tensors that share storage (SVF keeps one index tensor as its rows and cols).
+    tensors = {k: v.detach().cpu().clone() for k, v in model_state.items() if ".adapters." in k or k in trained}
     return tensors, optimizer_state
 
 
@@ -202,6 +219,14 @@ def save_checkpoint(run: Path, step: int, state: tuple[dict, dict], scheduler, p
     for old in sorted((run / "checkpoints").glob("step-*"))[:-keep or None]:
         shutil.rmtree(old)
     return final
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Keep the metrics rows of steps up to ``step``: a run stopped after its last checkpoint logged steps
+    that the resumed run redoes, and the curve must read as one uninterrupted run."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", step + 1) <= step]
+        atomic_write(path, lambda p: p.write_text("".join(row + "\n" for row in rows)))
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -236,6 +261,8 @@ def _distributed(config) -> tuple[int, int, str]:
         return 0, 1, "none"
     if config.strategy == "fsdp" and config.method == "adalora":
         raise ConfigError("AdaLoRA's rank allocator needs whole matrices; use --strategy ddp")
+    if config.strategy == "fsdp" and config.quantize:
+        raise ConfigError("FSDP cannot shard bitsandbytes' packed 4/8-bit weights; use --strategy ddp with --quantize")
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -296,11 +323,11 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
         before, _ = accuracy(model, tokenizer, evaluation, config)
         say(f"accuracy before: {before:.1f}%")
 
-    lk.adapt(model, recipe(config), targets_of(config.targets))
+    prepare(model, config, say)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = sum(p.numel() for p in lk.trainable_parameters(model))
-    total_params = sum(p.numel() for p in model.parameters())
+    total_params = sum(map(lk.quant.numel, model.parameters()))
     if strategy == "fsdp":
         _shard(model)  # before the optimizer sees the parameters: they become shards
     params = lk.trainable_parameters(model)
@@ -311,14 +338,21 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
     say(f"{config.method} on {config.targets}: {trainable:,} trainable of {total_params:,} parameters "
         f"({100 * trainable / total_params:.3f}%)")
 
-    step, epoch, position = 0, 0, 0
+    step, epoch, position, last_good = 0, 0, 0, None
     if config.resume:
         path = latest_checkpoint(run) if config.resume == "auto" else Path(config.resume)
         if path is None:
             raise ConfigError(f"--resume auto: no checkpoint in {run / 'checkpoints'}")
         state = load_checkpoint(path, model, optimizer, scheduler)
-        step, epoch, position = state["step"], state["epoch"], state["batch"]
+        step, epoch, position, last_good = state["step"], state["epoch"], state["batch"], path
+        if main:
+            _drop_metrics_after(run / "metrics.jsonl", step)
         say(f"resumed from {path} at step {step}")
+    elif main and latest_checkpoint(run):
+        # Left in place, an earlier run's checkpoints would outrank ours in the last-k pruning and in
+        # --resume auto.
+        shutil.rmtree(run / "checkpoints")
+        say(f"fresh run: removed the checkpoints of an earlier run in {run / 'checkpoints'}")
 
     loss_of = CompletionLoss(model)
     if strategy == "ddp":
@@ -339,7 +373,7 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
                               enabled=config.bf16)
     batches = data_mod.batch_order(train.examples, config.batch_size, epoch, config.seed)
     progress = _progress(config.steps, step, main)
-    tokens_seen, t0, last_good = 0, time.time(), latest_checkpoint(run)
+    tokens_seen, t0 = 0, time.time()
     interrupted = False
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     model.train()
@@ -374,15 +408,17 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             lk.step(model, step)
             optimizer.zero_grad(set_to_none=True)
             step, position = step + 1, position + 1
             rate = tokens_seen * world / max(time.time() - t0, 1e-9)
-            record(step=step, loss=step_loss.item(), lr=scheduler.get_last_lr()[0], tokens_per_s=rate)
+            record(step=step, loss=step_loss.item(), lr=lr, tokens_per_s=rate)
             progress.update(step_loss.item(), rate)
             # Under FSDP every process takes part in each forward, so all of them validate.
-            if (main or strategy == "fsdp") and config.val_every and step % config.val_every == 0 and validation.examples:
+            validate = config.val_every and step % config.val_every == 0 and validation.examples
+            if validate and (main or strategy == "fsdp"):
                 record(step=step, val_loss=validation_loss(model, validation.examples, pad_id, config.eval_batch_size))
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 state = _full_state(model, optimizer)
@@ -403,7 +439,7 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
     if main:
         if strategy == "fsdp":  # evaluate and save a whole copy: the trained one is sharded across processes
             model, _ = models.load(config.model, log=say)
-            lk.adapt(model, recipe(config), targets_of(config.targets))
+            prepare(model, config, say)
             model.load_state_dict(state[0], strict=False)
         lk.save(model, run / "adapter")
         t1 = time.time()
