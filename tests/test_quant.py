@@ -75,9 +75,11 @@ def test_same_packed_weights_as_transformers_bitsandbytes_loader(tmp_path):
 
 
 CASES = [(m, "nf4") for m in METHODS] + [(m, mode) for m in ("lora", "dora") for mode in ("fp4", "int8")]
+QUICK = {("lora", "nf4"), ("dora", "nf4"), ("pissa", "nf4"), ("lora", "int8")}  # the rest run with -m slow (CI too)
 
 
-@pytest.mark.parametrize("method, mode", CASES, ids=[f"{m}-{mode}" for m, mode in CASES])
+@pytest.mark.parametrize("method, mode", [pytest.param(m, q, marks=() if (m, q) in QUICK else pytest.mark.slow)
+                                          for m, q in CASES], ids=[f"{m}-{mode}" for m, mode in CASES])
 def test_adapters_on_a_quantized_base(method, mode, tmp_path):
     method = METHODS[method]
     model, x = _quantized(mode, compute_dtype=torch.float32), token_ids()
