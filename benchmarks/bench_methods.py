@@ -1,6 +1,7 @@
 """The SVD family against LoRA and PEFT: training step time, peak memory, SVD init time.
 
     python benchmarks/bench_methods.py [--layers 30] [--batch 4] [--seq 64] [--repeats 3] [--wait-quiet SECONDS]
+                                       [--sections memory,step,init] [--json PATH]
 
 On a SmolLM2-135M-sized Llama (random weights), all linear layers adapted:
   * step: forward + backward + AdamW, round-robin; DoRA / our LoRA (target ≤ 1.4), ours / PEFT's DoRA
@@ -16,6 +17,7 @@ on a shared 2-core machine a ratio measured under load is not comparable with a 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -39,6 +41,7 @@ OURS = {
     "lora_xs": lambda: lk.LoRAXS(rank=8),
 }
 PEFT = {"peft-lora": dict(r=8, lora_alpha=16), "peft-dora": dict(r=8, lora_alpha=16, use_dora=True)}
+CONTENDERS = [*OURS, *PEFT]
 
 
 def build(kind: str, layers: int):
@@ -95,16 +98,17 @@ INITS = {
 }
 
 
-def init_times(layers: int, repeats: int) -> tuple[list[dict], float]:
+def bench_init(args) -> dict:
     """Median seconds to adapt every linear layer per contender, round-robin, and the other load meanwhile.
 
     Each call gets a freshly built model (untimed; PEFT's PiSSA rewrites the base weights) and an
     empty SVD cache."""
+    wait_quiet(args.wait_quiet)
     samples: dict[str, list[float]] = {name: [] for name in INITS}
     with ForeignLoad() as load:
-        for _ in range(repeats):
+        for _ in range(args.repeats):
             for name, make in INITS.items():
-                model = harness.llama(layers)
+                model = harness.llama(args.layers)
                 svd.clear_cache()
                 start = time.perf_counter()
                 make(model)
@@ -112,7 +116,43 @@ def init_times(layers: int, repeats: int) -> tuple[list[dict], float]:
                 del model
     rows = [{"what": name, "seconds": statistics.median(t),
              "spread": (max(t) - min(t)) / 2 / statistics.median(t)} for name, t in samples.items()]
-    return rows, load.cores
+    return {"rows": rows, "other_load": load.cores}
+
+
+def bench_memory(args) -> dict:
+    """Peak RSS of two training steps per contender, each in a fresh process, and the SVD cache's share."""
+    rows = []
+    for kind in CONTENDERS:
+        child_out = harness.in_child(__file__, "--child", kind, "--layers", str(args.layers),
+                                     "--batch", str(args.batch), "--seq", str(args.seq))
+        rows.append({"contender": kind, "peak_mb": child_out["peak_mb"],
+                     "step_mb": child_out["peak_mb"] - child_out["before_mb"], "cache_mb": child_out["cache_mb"]})
+    return {"rows": rows}
+
+
+def bench_steps(args) -> dict:
+    """Median training step per contender (round-robin), ratios, each one's spread and the other load."""
+    ids = harness.tokens(args.batch, args.seq)
+    steps = {}
+    for kind in CONTENDERS:
+        model, params = build(kind, args.layers)
+        steps[kind] = train_step(model, params, torch.optim.AdamW(params, lr=1e-4), ids)
+    wait_quiet(args.wait_quiet)
+    times, load, spread = timed(steps, args.repeats, warmup=1)
+    rows = [{"contender": kind, "ms": 1000 * times[kind], "spread": spread[kind],
+             "vs_our_lora": times[kind] / times["lora"],
+             "vs_peft_same": times[kind] / times.get(f"peft-{kind}", float("nan"))} for kind in CONTENDERS]
+    return {"rows": rows, "other_load": load}
+
+
+SECTIONS = {"memory": bench_memory, "step": bench_steps, "init": bench_init}  # memory first: the parent is small
+TABLES = {
+    "memory": [("contender", "contender", ""), ("peak_mb", "peak MB", ".0f"), ("step_mb", "step MB", ".0f"),
+               ("cache_mb", "SVD cache MB", ".0f")],
+    "step": [("contender", "contender", ""), ("ms", "ms/step", ".0f"), ("spread", "±", ".0%"),
+             ("vs_our_lora", "/ our LoRA", ".2f"), ("vs_peft_same", "/ PEFT same", ".2f")],
+    "init": [("what", "init (rank 16, all linear)", ""), ("seconds", "seconds", ".2f"), ("spread", "±", ".0%")],
+}
 
 
 def main() -> None:
@@ -121,43 +161,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: memory, step, init")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each timed group, wait up to this long for the other cores to go idle")
-    parser.add_argument("--json", default="benchmarks/results/methods.json")
+    parser.add_argument("--json", default="benchmarks/results/methods.json",
+                        help="results file; a run of some sections replaces those and keeps the others")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.layers, args.batch, args.seq)
+    chosen = args.sections.split(",")
+    if not set(chosen) <= set(SECTIONS):
+        parser.error(f"--sections takes {', '.join(SECTIONS)}; got {args.sections!r}")
 
-    ids = harness.tokens(args.batch, args.seq)
-    kinds = [*OURS, *PEFT]
-    steps = {}
-    for kind in kinds:
-        model, params = build(kind, args.layers)
-        steps[kind] = train_step(model, params, torch.optim.AdamW(params, lr=1e-4), ids)
-    wait_quiet(args.wait_quiet)
-    times, step_load, spread = timed(steps, args.repeats, warmup=1)
-    del steps
-    memory = {kind: harness.in_child(__file__, "--child", kind, "--layers", str(args.layers),
-                                     "--batch", str(args.batch), "--seq", str(args.seq)) for kind in kinds}
-    rows = [{"contender": kind, "ms": 1000 * times[kind], "spread": spread[kind],
-             "vs_our_lora": times[kind] / times["lora"],
-             "vs_peft_same": times[kind] / times.get(f"peft-{kind}", float("nan")),
-             "peak_mb": memory[kind]["peak_mb"], "step_mb": memory[kind]["peak_mb"] - memory[kind]["before_mb"],
-             "cache_mb": memory[kind]["cache_mb"]}
-            for kind in kinds]
-    print(f"training step, all linear layers, batch {args.batch}x{args.seq}, {args.layers} layers, "
-          f"other load {step_load:.2f} cores")
-    print(harness.table(rows, [("contender", "contender", ""), ("ms", "ms/step", ".0f"), ("spread", "±", ".0%"),
-                               ("vs_our_lora", "/ our LoRA", ".2f"), ("vs_peft_same", "/ PEFT same", ".2f"),
-                               ("peak_mb", "peak MB", ".0f"), ("step_mb", "step MB", ".0f"),
-                               ("cache_mb", "SVD cache MB", ".0f")]))
-    wait_quiet(args.wait_quiet)
-    inits, init_load = init_times(args.layers, args.repeats)
-    print(f"\nSVD init, rank 16, every linear layer, other load {init_load:.2f} cores")
-    print(harness.table(inits, [("what", "init", ""), ("seconds", "seconds", ".2f"), ("spread", "±", ".0%")]))
-    harness.write_json(args.json, {"args": vars(args), "steps": rows, "steps_other_load": step_load,
-                                   "init": inits, "init_other_load": init_load})
+    results = {}
+    for name, bench in SECTIONS.items():
+        if name in chosen:
+            results[name] = {"args": vars(args), **bench(args)}
+            load = results[name].get("other_load")
+            print(f"\n{name}: all linear layers, batch {args.batch}x{args.seq}, {args.layers} layers"
+                  + ("" if load is None else f", other load {load:.2f} cores"))
+            print(harness.table(results[name]["rows"], TABLES[name]))
+    path = Path(args.json)
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    harness.write_json(path, {**{k: v for k, v in recorded.items() if k in SECTIONS}, **results})
 
 
 if __name__ == "__main__":
