@@ -3,15 +3,18 @@
     python benchmarks/bench_quant.py [--batch 4 --seq 64] [--repeats 5] [--json benchmarks/results/quant.json]
 
 The model is the embedded SmolLM2-135M-Instruct (real weights, converted once into the lorakit
-cache); LoRA r=16, alpha=32 on every linear layer, float32 adapters and compute. Sections:
+cache); LoRA r=16, alpha=32 on every linear layer, float32 adapters. Sections:
 
 * error:  relative Frobenius error ‖dequant(Q(W)) − W‖/‖W‖ of NF4 and FP4 (with double quantization)
           over every linear weight, and NF4 of the QPiSSA residual W − top-16 SVD part.
 * memory: each side in its own fresh process: RSS once the model is ready (weights), then peak RSS
-          over two training steps (forward + backward + AdamW). Sides: float32 LoRA, our NF4 QLoRA
-          (``lk.quantize``), PEFT's NF4 QLoRA on a model transformers loads with ``BitsAndBytesConfig``.
+          over two training steps (forward + backward + AdamW). Sides: LoRA, our NF4 QLoRA
+          (``lk.quantize``), PEFT's NF4 QLoRA on a model transformers loads with ``BitsAndBytesConfig``;
+          each in every ``--dtypes`` (the model's and the compute dtype: float32, and bfloat16 as in
+          the QLoRA paper), all relative to float32 LoRA.
 * step:   training step time, round-robin in one process: float32 LoRA, our QLoRA, PEFT's QLoRA,
-          after checking that both QLoRA sides hold bit-identical 4-bit weights and give the same logits.
+          after checking that both QLoRA sides hold bit-identical 4-bit weights and give the same logits;
+          float32.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import harness  # noqa: E402
 import lorakit as lk  # noqa: E402
 
 RANK, ALPHA = 16, 32.0
-SIDES = ("lora-fp32", "qlora-lorakit", "qlora-peft")
+SIDES = ("lora", "qlora-lorakit", "qlora-peft")
 
 
 def model_path() -> Path:
@@ -38,8 +41,8 @@ def model_path() -> Path:
     return model_dir(log=lambda m: print(m, file=sys.stderr))
 
 
-def build(side: str):
-    """The model of one side, adapted and ready to train (float32 adapters and compute)."""
+def build(side: str, dtype: torch.dtype = torch.float32):
+    """The model of one side, adapted and ready to train (float32 adapters, ``dtype`` compute)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.manual_seed(0)
@@ -47,13 +50,13 @@ def build(side: str):
         import peft
 
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(model_path(), quantization_config=config, dtype=torch.float32)
+                                    bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path(), quantization_config=config, dtype=dtype)
         return peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                                           target_modules="all-linear"))
-    model = AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path(), dtype=dtype)
     if side == "qlora-lorakit":
-        lk.quantize(model, "nf4", compute_dtype=torch.float32)
+        lk.quantize(model, "nf4", compute_dtype=dtype)
     return lk.adapt(model, lk.LoRA(rank=RANK, alpha=ALPHA), "all-linear")
 
 
@@ -103,27 +106,30 @@ def memory_child(side: str, args) -> None:
     import json
 
     ids = harness.tokens(args.batch, args.seq)
-    model = build(side).train()
+    model = build(side, getattr(torch, args.dtypes)).train()
     gc.collect()
     ready = harness.current_rss_mb()
     step = train_step(model, ids)
     harness.reset_peak_rss()
     for _ in range(2):
         step()
-    print(json.dumps({"side": side, "ready_mb": ready, "peak_mb": harness.peak_rss_mb()}))
+    print(json.dumps({"side": side, "dtype": args.dtypes, "ready_mb": ready, "peak_mb": harness.peak_rss_mb()}))
 
 
 def bench_memory(args) -> list[dict]:
-    rows = [harness.in_child(__file__, "--memory-child", side, "--batch", str(args.batch), "--seq", str(args.seq))
-            for side in SIDES]
-    base = rows[0]
+    rows = []
+    for dtype in args.dtypes.split(","):
+        runs = {side: harness.in_child(__file__, "--memory-child", side, "--dtypes", dtype, "--batch", str(args.batch),
+                                       "--seq", str(args.seq)) for side in SIDES}
+        ours, peft = runs["qlora-lorakit"], runs["qlora-peft"]
+        rows += [*runs.values(), {"side": "lorakit / PEFT", "dtype": dtype, "ready_ratio": ours["ready_mb"] / peft["ready_mb"],
+                                  "peak_ratio": ours["peak_mb"] / peft["peak_mb"]}]
+    base = rows[0]  # float32 LoRA
     for row in rows:
-        row["ready_ratio"], row["peak_ratio"] = row["ready_mb"] / base["ready_mb"], row["peak_mb"] / base["peak_mb"]
-    peft_row = rows[2]
-    rows.append({"side": "lorakit / PEFT", "ready_ratio": rows[1]["ready_mb"] / peft_row["ready_mb"],
-                 "peak_ratio": rows[1]["peak_mb"] / peft_row["peak_mb"]})
+        if "peak_mb" in row:
+            row["ready_ratio"], row["peak_ratio"] = row["ready_mb"] / base["ready_mb"], row["peak_mb"] / base["peak_mb"]
     print(f"memory, batch {args.batch}x{args.seq}, each side in its own process")
-    print(harness.table(rows, [("side", "side", ""), ("ready_mb", "model ready MB", ".0f"),
+    print(harness.table(rows, [("side", "side", ""), ("dtype", "dtype", ""), ("ready_mb", "model ready MB", ".0f"),
                                ("ready_ratio", "/ fp32 LoRA", ".3f"), ("peak_mb", "peak MB (2 steps)", ".0f"),
                                ("peak_ratio", "/ fp32 LoRA", ".3f")]))
     return rows
@@ -149,12 +155,12 @@ def bench_step(args) -> dict:
         gap = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
     times = harness.round_robin({side: train_step(m, ids) for side, m in models.items()}, args.repeats, args.warmup)
     result = {"seconds": times, "logits_max_abs_diff": gap,
-              "qlora_over_lora": times["qlora-lorakit"] / times["lora-fp32"],
-              "peft_qlora_over_lora": times["qlora-peft"] / times["lora-fp32"],
+              "qlora_over_lora": times["qlora-lorakit"] / times["lora"],
+              "peft_qlora_over_lora": times["qlora-peft"] / times["lora"],
               "ours_over_peft": times["qlora-lorakit"] / times["qlora-peft"]}
     print(f"training step, batch {args.batch}x{args.seq}, median of {args.repeats} round-robin repeats "
           f"(QLoRA logits lorakit vs PEFT: max |diff| {gap:.2e})")
-    print(harness.table([{"side": s, "s": t, "ratio": t / times["lora-fp32"]} for s, t in times.items()],
+    print(harness.table([{"side": s, "s": t, "ratio": t / times["lora"]} for s, t in times.items()],
                         [("side", "side", ""), ("s", "seconds/step", ".3f"), ("ratio", "/ fp32 LoRA", ".3f")]))
     print(f"ours / PEFT (QLoRA step): {result['ours_over_peft']:.3f}")
     return result
@@ -167,6 +173,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--sections", default="error,memory,step")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="model and compute dtypes of the memory section")
     parser.add_argument("--json", default="benchmarks/results/quant.json")
     parser.add_argument("--memory-child", metavar="SIDE", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()

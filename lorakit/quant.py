@@ -154,14 +154,21 @@ def quantize(model: nn.Module, mode: str = "nf4", *, compute_dtype: torch.dtype 
     (not merged), the residual ``W − s·B0·A0`` is quantized and the adapter's start ``s·B0·A0`` stays
     in float inside the base, which so stays much closer to W than ``quantize(W)`` (arXiv 2404.02948, §4.4).
     """
-    from lorakit.adapt import matches, walk
-    from lorakit.errors import TargetNotFoundError
-    from lorakit.layers import LINEAR, layer_kind
-
     if mode not in MODES:
         raise ConfigError(f"lk.quantize: mode must be one of {MODES}, got {mode!r}")
     if mode != "int8" and (blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096)):
         raise ConfigError(f"lk.quantize: blocksize must be a power of two from 32 to 4096, got {blocksize}")
+    _swap(model, mode, compute_dtype, double_quant, blocksize, skip, targets)
+    _unmap(model)  # after _swap has returned: the replaced layers, and their float weights, are gone by now
+    return model
+
+
+def _swap(model: nn.Module, mode: str, compute_dtype, double_quant: bool, blocksize: int, skip, targets) -> None:
+    """Replace the chosen linear layers (or adapted layers' bases) by quantized ones."""
+    from lorakit.adapt import matches, walk
+    from lorakit.errors import TargetNotFoundError
+    from lorakit.layers import LINEAR, layer_kind
+
     candidates = list(walk(model))
     chosen = [(p, m) for p, m in candidates if (m.kind if isinstance(m, AdaptedLayer) else layer_kind(m)) is LINEAR
               and (targets is None or matches(p, targets)) and not matches(p, list(skip))]
@@ -174,8 +181,6 @@ def quantize(model: nn.Module, mode: str = "nf4", *, compute_dtype: torch.dtype 
         parent, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf,
                 _quantized_linear(module, module.weight.detach(), mode, compute_dtype, double_quant, blocksize))
-    _unmap(model)
-    return model
 
 
 def _mapped_files() -> list[tuple[int, int]]:
