@@ -21,10 +21,12 @@ import ctypes
 import gc
 import importlib.util
 import sys
+import threading
 import warnings
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import ConfigError, LorakitError, UnsupportedLayerError
@@ -44,21 +46,75 @@ def _bnb():
 # --- the two quantized layer kinds -------------------------------------------------------------
 def _forward_4bit(base: nn.Module, x: torch.Tensor, weight, bias):
     dtype = x.dtype
-    compute = base.compute_dtype or dtype
-    out = _bnb().matmul_4bit(x.to(compute), weight, bias=None if bias is None else bias.to(compute),
-                             quant_state=weight.quant_state)
+    x = x.to(base.compute_dtype or dtype)
+    if x.device.type == "cpu":
+        return _CpuMatmul4bit.apply(x, weight, None if bias is None else bias.to(x.dtype)).to(dtype)
+    # Elsewhere bitsandbytes' own op: a fused kernel for single-token decoding, and a caching allocator.
+    out = _bnb().matmul_4bit(x, weight, bias=None if bias is None else bias.to(x.dtype), quant_state=weight.quant_state)
     return out.to(dtype)
+
+
+def _plain_state(weight):
+    """The weight's quantization state, undoing bitsandbytes' CPU repacking if it happened."""
+    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        import bitsandbytes.functional as bf
+
+        # bitsandbytes repacks CPU weights for its inference kernel on a no-grad eval forward.
+        weight.data, weight.quant_state = bf._convert_weight_packed_for_cpu_inverse(weight.data, state)
+    return weight.quant_state
 
 
 def _dequantize_4bit(base: nn.Module, weight) -> torch.Tensor:
     import bitsandbytes.functional as bf
 
-    state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks CPU weights for its inference kernel on a no-grad eval forward.
-        data, state = bf._convert_weight_packed_for_cpu_inverse(weight.data, state)
-        weight.data, weight.quant_state = data, state
-    return bf.dequantize_4bit(weight.data, state)  # (d_out, d_in) in the dtype it was quantized from
+    return bf.dequantize_4bit(weight.data, _plain_state(weight))  # (d_out, d_in), the dtype it was quantized from
+
+
+class _CpuMatmul4bit(torch.autograd.Function):
+    """x·dequant(W)ᵀ for a frozen 4-bit W on CPU, dequantizing into one reused buffer (forward and backward).
+
+    bitsandbytes allocates a fresh float copy of W per call, and glibc keeps the pages those copies
+    leave between the activations: 140 MB of peak memory in a SmolLM2 QLoRA step (BENCHMARKS.md).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.weight = weight  # frozen and packed: nothing float is kept for backward
+        return F.linear(x, _scratch_dequantized(weight, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad @ _scratch_dequantized(ctx.weight, grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None  # a train= bias
+        return grad_x, None, grad_bias
+
+
+_scratch = threading.local()
+
+
+def _scratch_dequantized(weight, dtype: torch.dtype) -> torch.Tensor:
+    """dequant(W) as ``dtype``, written into this thread's buffer: valid until the next call."""
+    import bitsandbytes.functional as bf
+
+    state = _plain_state(weight)
+    rows, cols = state.shape
+    kernel = getattr(bf.lib, f"cdequantize_blockwise_cpu_{state.quant_type}_{_C_DTYPES.get(state.dtype)}", None)
+    if kernel is None or cols % 2 or state.blocksize >= 2048:  # shapes bitsandbytes' CPU kernel leaves to Python
+        return bf.dequantize_4bit(weight.data, state).to(dtype)
+    buffers = _scratch.__dict__
+    flat = buffers.get(state.dtype)
+    if flat is None or flat.numel() < rows * cols:
+        flat = buffers[state.dtype] = torch.empty(rows * cols, dtype=state.dtype)
+    out = flat[:rows * cols].view(rows, cols)
+    absmax = bf.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+    absmax, packed = absmax.float().contiguous(), weight.data.view(torch.uint8)  # alive through the call
+    kernel(bf.get_ptr(packed), bf.get_ptr(absmax), bf.get_ptr(out), ctypes.c_longlong(state.blocksize),
+           ctypes.c_longlong(rows), ctypes.c_longlong(cols))
+    return out.to(dtype)  # no copy when the compute dtype is the stored one
+
+
+_C_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _int8_state(base: nn.Module, weight):

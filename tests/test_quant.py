@@ -223,6 +223,37 @@ def test_adapter_trained_on_4bit_loads_on_a_float_base(tmp_path):
     assert (q_logits - f_logits).norm() < 2 * base_gap
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(40, 96), (24, 33)])  # an odd width takes bitsandbytes' own path
+def test_cpu_4bit_matmul_equals_bitsandbytes_and_reuses_one_buffer(dtype, shape):
+    import bitsandbytes.functional as bf
+
+    layers = [lk.quantize(nn.Sequential(nn.Linear(shape[1], shape[0], bias=True)).to(dtype), mode, skip=())[0]
+              for mode in ("nf4", "fp4")]
+    x = torch.randn(5, shape[1], dtype=dtype, requires_grad=True)
+    for layer in layers:
+        got = lk.quant._scratch_dequantized(layer.weight, dtype)
+        assert torch.equal(got, bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+        ours = lk.quant.QUANT_4BIT.forward(layer, x, layer.weight, layer.bias)
+        (grad,) = torch.autograd.grad(ours.sum(), x)
+        theirs = bnb.matmul_4bit(x, layer.weight.t(), bias=layer.bias, quant_state=layer.weight.quant_state)
+        (their_grad,) = torch.autograd.grad(theirs.sum(), x)
+        assert torch.equal(ours, theirs) and torch.equal(grad, their_grad)
+    if shape[1] % 2 == 0:  # one buffer serves every layer and call on this thread: no per-call float copy
+        first, second = (lk.quant._scratch_dequantized(layer.weight, dtype) for layer in layers)
+        assert first.data_ptr() == second.data_ptr()
+
+
+def test_a_4bit_layer_keeps_no_float_weight_for_backward():
+    model = lk.adapt(_quantized(compute_dtype=torch.float32), lk.LoRA(rank=4, alpha=8), "all-linear").train()
+    weight_shapes = {tuple(m.weight.quant_state.shape) for m in model.modules()
+                     if hasattr(getattr(m, "weight", None), "quant_state")}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        model(token_ids()).logits.sum()
+    assert weight_shapes and not weight_shapes & set(saved)
+
+
 def test_errors():
     with pytest.raises(lk.ConfigError, match="mode must be one of"):
         lk.quantize(tiny_llama(), "nf3")
