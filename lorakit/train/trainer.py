@@ -333,7 +333,9 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
     params = lk.trainable_parameters(model)
     groups = (lk.lora_plus_groups(model, config.lr, config.lora_plus_ratio, config.weight_decay)
               if config.lora_plus_ratio > 0 else [{"params": params, "weight_decay": config.weight_decay}])
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    # The fused kernel: one op for all ~400 adapter tensors instead of a Python loop over them (4x
+    # faster on CPU); FSDP's sharded parameters take the default.
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=strategy != "fsdp")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     say(f"{config.method} on {config.targets}: {trainable:,} trainable of {total_params:,} parameters "
         f"({100 * trainable / total_params:.3f}%)")
@@ -442,6 +444,8 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
             prepare(model, config, say)
             model.load_state_dict(state[0], strict=False)
         lk.save(model, run / "adapter")
+        if not config.quantize:  # zero added latency; a quantized base would merge into a float copy
+            lk.merge(model)
         t1 = time.time()
         after, rows = accuracy(model, tokenizer, evaluation, config) if evaluation else (None, [])
         eval_seconds = time.time() - t1
