@@ -48,7 +48,9 @@ def _canonical_signs(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor):
 def _compute(weight: torch.Tensor, rank: int | None, niter: int | None):
     W = weight.detach().float()
     if niter is None:
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        # LAPACK writes column-major factors: those of Wᵀ, transposed back, are row-major already.
+        V, S, Ut = torch.linalg.svd(W.t(), full_matrices=False)
+        U, Vh = Ut.t(), V.t()
     else:
         with torch.random.fork_rng(devices=[W.device] if W.device.type == "cuda" else []):
             torch.manual_seed(0)

@@ -321,7 +321,8 @@ def test_lora_plus_gives_b_matrices_a_larger_learning_rate(tiny_dir, tmp_path, m
 
 def _lorakit(*args: str, torchrun: bool = False) -> None:
     """Run ``python -m lorakit args`` (under torchrun with 2 processes), failing with its stderr."""
-    launch = ["-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else []
+    # --standalone: a free port each time (the fixed default, 29500, can still be held by the run before)
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
     done = subprocess.run([sys.executable, *launch, "-m", "lorakit", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
