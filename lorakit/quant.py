@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import importlib.util
+import logging
 import sys
 import threading
 import warnings
@@ -36,10 +36,21 @@ MODES = ("nf4", "fp4", "int8")
 
 
 def _bnb():
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise LorakitError("a quantized base needs bitsandbytes: pip install 'bitsandbytes>=0.48'")
-    import bitsandbytes
-
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is not None:  # the hot path: every 4-bit matmul asks
+        return bnb
+    # On import bitsandbytes tries to fetch an optional CPU inference kernel from the Hugging Face hub
+    # and warns when it cannot; lorakit never takes that path (its CPU 4-bit matmul is _CpuMatmul4bit).
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401  (an attribute of bitsandbytes from now on)
+    except ImportError as e:
+        raise LorakitError(f"a quantized base needs bitsandbytes: pip install 'bitsandbytes>=0.48' ({e})") from e
+    finally:
+        quiet.setLevel(level)
     return bitsandbytes
 
 
@@ -58,15 +69,14 @@ def _plain_state(weight):
     """The weight's quantization state, undoing bitsandbytes' CPU repacking if it happened."""
     state = weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
-        import bitsandbytes.functional as bf
-
+        bf = _bnb().functional
         # bitsandbytes repacks CPU weights for its inference kernel on a no-grad eval forward.
         weight.data, weight.quant_state = bf._convert_weight_packed_for_cpu_inverse(weight.data, state)
     return weight.quant_state
 
 
 def _dequantize_4bit(base: nn.Module, weight) -> torch.Tensor:
-    import bitsandbytes.functional as bf
+    bf = _bnb().functional
 
     return bf.dequantize_4bit(weight.data, _plain_state(weight))  # (d_out, d_in), the dtype it was quantized from
 
@@ -95,7 +105,7 @@ _scratch = threading.local()
 
 def _scratch_dequantized(weight, dtype: torch.dtype) -> torch.Tensor:
     """dequant(W) as ``dtype``, written into this thread's buffer: valid until the next call."""
-    import bitsandbytes.functional as bf
+    bf = _bnb().functional
 
     state = _plain_state(weight)
     rows, cols = state.shape

@@ -267,10 +267,7 @@ def test_errors():
 
 
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` then meets: ImportError
     with pytest.raises(lk.LorakitError, match="pip install"):
         lk.quantize(tiny_llama())
 
