@@ -66,7 +66,9 @@ def _model_with_adapter(config):
 
     model, tokenizer = models.load(config.model, log=lambda m: print(m, file=sys.stderr))
     if config.adapter:
-        lk.merge(lk.load(model, config.adapter))  # inference only: the base's speed
+        from lorakit.train.trainer import merge_for_inference
+
+        merge_for_inference(lk.load(model, config.adapter))  # inference only: the base's speed
     return model.eval(), tokenizer
 
 

@@ -142,6 +142,7 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
     """
     if names is not None:
         _check_names(model, names)
+    _refuse_shared_weights(model, names)
     done: list[tuple[AdaptedLayer, list[str]]] = []
     try:
         for _, layer in adapted_layers(model):
@@ -159,6 +160,19 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
 
         warn_merged(dequantized)
     return model
+
+
+def _refuse_shared_weights(model: nn.Module, names: Sequence[str] | None) -> None:
+    """Merging writes into the weight in place: one another module also holds would change it too."""
+    holders: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        holders[id(p)] = holders.get(id(p), 0) + 1
+    for path, layer in adapted_layers(model):
+        pending = [n for n in (layer.active if names is None else names) if n in layer.adapters and n not in layer.merged]
+        if pending and holders.get(id(layer.weight), 0) > 1:
+            raise MergeError(f"{path}: its weight is shared with another module (tied input embedding and output "
+                             "head?), which merging would change too; nothing was merged. Keep the adapter "
+                             "unmerged, or untie the weights first")
 
 
 _merge = merge  # unload's `merge` flag shadows the function

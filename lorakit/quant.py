@@ -95,7 +95,11 @@ class _CpuMatmul4bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x = grad @ _scratch_dequantized(ctx.weight, grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = _scratch_dequantized(ctx.weight, grad.dtype)
+            # Under create_graph the matmul keeps its operand for a second backward: not the shared buffer.
+            grad_x = grad @ (weight.clone() if torch.is_grad_enabled() else weight)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None  # a train= bias
         return grad_x, None, grad_bias
 
@@ -109,7 +113,9 @@ def _scratch_dequantized(weight, dtype: torch.dtype) -> torch.Tensor:
 
     state = _plain_state(weight)
     rows, cols = state.shape
-    kernel = getattr(bf.lib, f"cdequantize_blockwise_cpu_{state.quant_type}_{_C_DTYPES.get(state.dtype)}", None)
+    # The ctypes library itself: bitsandbytes' wrapper answers any name with a function that raises.
+    native = getattr(bf.lib, "_lib", None)
+    kernel = getattr(native, f"cdequantize_blockwise_cpu_{state.quant_type}_{_C_DTYPES.get(state.dtype)}", None)
     if kernel is None or cols % 2 or state.blocksize >= 2048:  # shapes bitsandbytes' CPU kernel leaves to Python
         return bf.dequantize_4bit(weight.data, state).to(dtype)
     buffers = _scratch.__dict__

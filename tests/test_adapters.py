@@ -252,6 +252,23 @@ def test_merge_on_a_half_precision_base_adds_a_float32_delta_and_unmerges_exactl
     assert torch.equal(layer.weight, weight)
 
 
+def test_merge_refuses_a_weight_tied_to_another_module_and_changes_nothing():
+    # An in-place merge into a tied embedding would change the output head too (SmolLM2, the default
+    # model, ties them); lorakit finetune/eval/generate then evaluate unmerged.
+    model = lk.adapt(tiny_llama(tie_word_embeddings=True), lk.LoRA(rank=4, alpha=8), ["embed_tokens", "q_proj"])
+    randomize(model)
+    with torch.no_grad():
+        before = model(token_ids()).logits
+        with pytest.raises(lk.MergeError, match="embed_tokens.*shared"):
+            lk.merge(model)
+        assert not any(layer.merged for _, layer in lk.model.adapted_layers(model))
+        assert torch.equal(model(token_ids()).logits, before)
+        untied = lk.adapt(tiny_llama(tie_word_embeddings=True), lk.LoRA(rank=4, alpha=8), ["q_proj"])
+        randomize(untied)
+        before = untied(token_ids()).logits
+        torch.testing.assert_close(lk.merge(untied)(token_ids()).logits, before, rtol=1e-5, atol=1e-5)
+
+
 def test_adapted_model_state_dict_round_trips_through_torch():
     model = lk.adapt(tiny_llama(), lk.LoRA(rank=2), ["q_proj"])
     randomize(model)

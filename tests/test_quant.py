@@ -244,6 +244,39 @@ def test_cpu_4bit_matmul_equals_bitsandbytes_and_reuses_one_buffer(dtype, shape)
         assert first.data_ptr() == second.data_ptr()
 
 
+def test_cpu_4bit_double_backward_sees_each_layers_own_weight():
+    # create_graph=True: the backward's matmul is itself recorded and saves the dequantized weight;
+    # the next layer's backward must not overwrite it (bitsandbytes' own matmul_4bit gets this right).
+    import bitsandbytes.functional as bf
+
+    torch.manual_seed(0)
+    layers = [lk.quantize(nn.Sequential(nn.Linear(64, 64, bias=False)), "nf4", skip=())[0] for _ in range(2)]
+    floats = [bf.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in layers]
+    x = torch.randn(3, 64, requires_grad=True)
+
+    def hessian_vector(linear):
+        y = linear(1, torch.tanh(linear(0, x)))
+        (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.pow(2).sum(), x)[0]
+
+    ours = hessian_vector(lambda i, t: lk.quant.QUANT_4BIT.forward(layers[i], t, layers[i].weight, None))
+    expected = hessian_vector(lambda i, t: t @ floats[i].t())
+    torch.testing.assert_close(ours, expected)
+
+
+def test_cpu_4bit_matmul_falls_back_when_bitsandbytes_has_no_cpu_kernel(monkeypatch):
+    # bitsandbytes' native-library wrappers never return None for a missing symbol: they return a
+    # function that raises when called. Without a CPU kernel, its own (pure torch) dequantize must serve.
+    import bitsandbytes.functional as bf
+    from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary
+
+    layer = lk.quantize(nn.Sequential(nn.Linear(64, 48)), "nf4", skip=())[0]
+    x = torch.randn(5, 64)
+    expected = lk.quant.QUANT_4BIT.forward(layer, x, layer.weight, layer.bias)
+    monkeypatch.setattr(bf, "lib", ErrorHandlerMockBNBNativeLibrary("simulated: no native library"))
+    assert torch.equal(lk.quant.QUANT_4BIT.forward(layer, x, layer.weight, layer.bias), expected)
+
+
 def test_a_4bit_layer_keeps_no_float_weight_for_backward():
     model = lk.adapt(_quantized(compute_dtype=torch.float32), lk.LoRA(rank=4, alpha=8), "all-linear").train()
     weight_shapes = {tuple(m.weight.quant_state.shape) for m in model.modules()

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import lorakit as lk
 from lorakit.checkpoint import atomic_write
-from lorakit.errors import ConfigError, LorakitError
+from lorakit.errors import ConfigError, LorakitError, MergeError
 from lorakit.train import data as data_mod
 from lorakit.train import models, tasks
 from lorakit.train.config import FinetuneConfig
@@ -286,6 +286,27 @@ def _shard(model) -> None:
         fully_shard(block)
 
 
+def _adamw(groups: list[dict], lr: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW, fused where torch has the kernel: one op for all ~400 adapter tensors instead of a
+    Python loop over them (4x faster on CPU). FSDP's sharded parameters, and torch < 2.4 on CPU, take
+    the default."""
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, lr=lr, fused=True)
+        except RuntimeError:  # "`fused=True` requires all the params to be ... on a supported device"
+            pass
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def merge_for_inference(model) -> None:
+    """Merge the active adapters for evaluation at the base model's speed, unless merging is refused
+    (a weight tied to another module): then the model runs unmerged, the same function."""
+    try:
+        lk.merge(model)
+    except MergeError:
+        pass
+
+
 def _schedule(config):
     warmup, total = config.warmup_steps, config.steps
 
@@ -333,9 +354,7 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
     params = lk.trainable_parameters(model)
     groups = (lk.lora_plus_groups(model, config.lr, config.lora_plus_ratio, config.weight_decay)
               if config.lora_plus_ratio > 0 else [{"params": params, "weight_decay": config.weight_decay}])
-    # The fused kernel: one op for all ~400 adapter tensors instead of a Python loop over them (4x
-    # faster on CPU); FSDP's sharded parameters take the default.
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=strategy != "fsdp")
+    optimizer = _adamw(groups, config.lr, fused=strategy != "fsdp")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     say(f"{config.method} on {config.targets}: {trainable:,} trainable of {total_params:,} parameters "
         f"({100 * trainable / total_params:.3f}%)")
@@ -445,7 +464,7 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
             model.load_state_dict(state[0], strict=False)
         lk.save(model, run / "adapter")
         if not config.quantize:  # zero added latency; a quantized base would merge into a float copy
-            lk.merge(model)
+            merge_for_inference(model)
         t1 = time.time()
         after, rows = accuracy(model, tokenizer, evaluation, config) if evaluation else (None, [])
         eval_seconds = time.time() - t1
