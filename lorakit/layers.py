@@ -351,10 +351,14 @@ class AdaptedLayer(nn.Module):
         return out
 
     # --- merging ------------------------------------------------------------------------------
+    def pending(self, names: list[str] | None = None) -> list[str]:
+        """The adapters ``merge(names)`` would add now: ``names`` (default: the active ones) not yet merged."""
+        return [n for n in (self.active if names is None else names) if n not in self.merged]
+
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
         """Add the adapters' ΔW into the base weight, keeping the original for an exact unmerge."""
-        names = [n for n in (self.active if names is None else names) if n not in self.merged]
+        names = self.pending(names)
         if not names:
             return
         delta = None

@@ -147,7 +147,7 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
     try:
         for _, layer in adapted_layers(model):
             before = list(layer.merged)
-            layer.merge(None if names is None else [n for n in names if n in layer.adapters])
+            layer.merge(_on_layer(layer, names))
             done.append((layer, before))
     except MergeError:
         for layer, before in done:
@@ -168,11 +168,15 @@ def _refuse_shared_weights(model: nn.Module, names: Sequence[str] | None) -> Non
     for _, p in model.named_parameters(remove_duplicate=False):
         holders[id(p)] = holders.get(id(p), 0) + 1
     for path, layer in adapted_layers(model):
-        pending = [n for n in (layer.active if names is None else names) if n in layer.adapters and n not in layer.merged]
-        if pending and holders.get(id(layer.weight), 0) > 1:
+        if layer.pending(_on_layer(layer, names)) and holders.get(id(layer.weight), 0) > 1:
             raise MergeError(f"{path}: its weight is shared with another module (tied input embedding and output "
                              "head?), which merging would change too; nothing was merged. Keep the adapter "
                              "unmerged, or untie the weights first")
+
+
+def _on_layer(layer: AdaptedLayer, names: Sequence[str] | None) -> list[str] | None:
+    """Those of ``names`` this layer carries (None: its active adapters)."""
+    return None if names is None else [n for n in names if n in layer.adapters]
 
 
 _merge = merge  # unload's `merge` flag shadows the function

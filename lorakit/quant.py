@@ -58,10 +58,11 @@ def _bnb():
 def _forward_4bit(base: nn.Module, x: torch.Tensor, weight, bias):
     dtype = x.dtype
     x = x.to(base.compute_dtype or dtype)
+    bias = None if bias is None else bias.to(x.dtype)
     if x.device.type == "cpu":
-        return _CpuMatmul4bit.apply(x, weight, None if bias is None else bias.to(x.dtype)).to(dtype)
-    # Elsewhere bitsandbytes' own op: a fused kernel for single-token decoding, and a caching allocator.
-    out = _bnb().matmul_4bit(x, weight, bias=None if bias is None else bias.to(x.dtype), quant_state=weight.quant_state)
+        out = _CpuMatmul4bit.apply(x, weight, bias)
+    else:  # bitsandbytes' own op: a fused kernel for single-token decoding, and a caching allocator
+        out = _bnb().matmul_4bit(x, weight, bias=bias, quant_state=weight.quant_state)
     return out.to(dtype)
 
 
