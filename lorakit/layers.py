@@ -232,10 +232,10 @@ class AdaptedLayer(nn.Module):
         base = out
         for name in self.active:
             if name not in self.merged:
-                out = self._apply(self.adapters[name], x, out, base)
+                out = self._run_adapter(self.adapters[name], x, out, base)
         return out
 
-    def _apply(self, adapter: nn.Module, x: torch.Tensor, out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def _run_adapter(self, adapter: nn.Module, x: torch.Tensor, out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """``adapter(x, out)``; adapters that rescale the base output (DoRA) also get ``base = W·x``, no bias."""
         if not getattr(adapter, "needs_base", False):
             return adapter(x, out)
@@ -347,7 +347,7 @@ class AdaptedLayer(nn.Module):
         for slot, name in enumerate(names, start=1):
             rows = (index == slot).nonzero().squeeze(1)
             rows_out = base.index_select(0, rows)
-            out = out.index_copy(0, rows, self._apply(self.adapters[name], x.index_select(0, rows), rows_out, rows_out))
+            out = out.index_copy(0, rows, self._run_adapter(self.adapters[name], x.index_select(0, rows), rows_out, rows_out))
         return out
 
     # --- merging ------------------------------------------------------------------------------
