@@ -13,12 +13,12 @@ from lorakit.layers import AdaptedLayer
 from lorakit.quant import quantize
 from lorakit.methods import SVF, SVFT, AdaLoRA, DoRA, LoRA, LoRAXS, MiLoRA, PiSSA
 from lorakit.model import (activate, active_adapters, adapter_names, delete, disabled, lora_plus_groups, merge,
-                           regularization, route, step, summary, to_lora, track, trainable_parameters, unload,
+                           regularization, reset, route, step, summary, to_lora, track, trainable_parameters, unload,
                            unmerge)
 
 __all__ = [
     "AdaLoRA", "AdaptedLayer", "AdapterExistsError", "AdapterFileError", "AdapterNotFoundError", "ConfigError", "DoRA", "LoRA", "LoRAXS",
     "LorakitError", "MergeError", "MiLoRA", "PiSSA", "SVF", "SVFT", "ShapeMismatchError", "TargetNotFoundError", "UnsupportedLayerError", "activate",
     "active_adapters", "adapt", "adapter_names", "combine", "delete", "disabled", "enable_lora", "load", "lora_plus_groups",
-    "merge", "quantize", "regularization", "route", "save", "step", "summary", "to_lora", "track", "trainable_parameters", "unload", "unmerge",
+    "merge", "quantize", "regularization", "reset", "route", "save", "step", "summary", "to_lora", "track", "trainable_parameters", "unload", "unmerge",
 ]

@@ -11,6 +11,7 @@ parameters and outside the module tree, for its forward geometry and to hand bac
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,6 +37,38 @@ class LayerKind:
     dequantize: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     # (base, weight) -> {key: tensor} a quantized base saves beside its weight (its scales).
     extra_state: Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]] | None = None
+    # Names the kind: a pickled model refers to it by this name, so ``kind is LINEAR`` survives a reload.
+    label: str | None = None
+
+    def __post_init__(self):
+        if self.label is not None:
+            _KINDS_BY_LABEL[self.label] = self
+
+    def __reduce__(self):
+        return (kind_named, (self.label,)) if self.label is not None else super().__reduce__()
+
+
+_KINDS_BY_LABEL: dict[str, LayerKind] = {}
+
+
+def kind_named(label: str) -> LayerKind:
+    """The LayerKind registered under ``label`` (quantized kinds register when lorakit.quant loads)."""
+    if label not in _KINDS_BY_LABEL:
+        import lorakit.quant  # noqa: F401  (it registers the quantized kinds)
+    return _KINDS_BY_LABEL[label]
+
+
+def _linear_forward(base, x, weight, bias):
+    return F.linear(x, weight, bias)
+
+
+def _conv_forward(base, x, weight, bias):
+    return base._conv_forward(x, weight, bias)
+
+
+def linear_sizes(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer."""
+    return module.in_features, module.out_features
 
 
 def _conv1d_gpt2_forward(base, x, weight, bias):
@@ -49,16 +82,26 @@ def _embedding_forward(base, x, weight, bias):
                        base.scale_grad_by_freq, base.sparse)
 
 
-LINEAR = LayerKind("linear", lambda base, x, w, b: F.linear(x, w, b),
-                   lambda m: (m.in_features, m.out_features), ("in_features", "out_features"))
-GPT2_CONV1D = LayerKind("linear", _conv1d_gpt2_forward, lambda m: (m.nx, m.nf), ("nf", "nx"),
-                        transposed=True)
-CONV = LayerKind("conv", lambda base, x, w, b: base._conv_forward(x, w, b),
-                 lambda m: (m.in_channels, m.out_channels),
+def _gpt2_sizes(m):
+    return m.nx, m.nf
+
+
+def _conv_sizes(m):
+    return m.in_channels, m.out_channels
+
+
+def _embedding_sizes(m):
+    return m.num_embeddings, m.embedding_dim
+
+
+LINEAR = LayerKind("linear", _linear_forward, linear_sizes, ("in_features", "out_features"), label="linear")
+GPT2_CONV1D = LayerKind("linear", _conv1d_gpt2_forward, _gpt2_sizes, ("nf", "nx"), transposed=True,
+                        label="gpt2_conv1d")
+CONV = LayerKind("conv", _conv_forward, _conv_sizes,
                  ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                  "padding_mode"))
-EMBEDDING = LayerKind("embedding", _embedding_forward, lambda m: (m.num_embeddings, m.embedding_dim),
-                      ("num_embeddings", "embedding_dim", "padding_idx", "max_norm"))
+                  "padding_mode"), label="conv")
+EMBEDDING = LayerKind("embedding", _embedding_forward, _embedding_sizes,
+                      ("num_embeddings", "embedding_dim", "padding_idx", "max_norm"), label="embedding")
 
 # Type → kind (minLoRA's table). Subclasses match through isinstance, in this order.
 LAYER_KINDS: list[tuple[type, LayerKind]] = [
@@ -87,17 +130,16 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
-def _conv_ungrouped(base: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Convolution with the base layer's geometry (padding mode, stride, dilation) but groups=1."""
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(base.kernel_size)]
+_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-    def run(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if base.padding_mode != "zeros":
-            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
-            return conv(x, weight, None, base.stride, 0, base.dilation)
-        return conv(x, weight, None, base.stride, base.padding, base.dilation)
 
-    return run
+def _conv_ungrouped(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Convolution of ``x`` by ``weight`` with the base layer's geometry (padding mode, stride, dilation), groups=1."""
+    conv = _CONVS[len(base.kernel_size)]
+    if base.padding_mode != "zeros":
+        x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+        return conv(x, weight, None, base.stride, 0, base.dilation)
+    return conv(x, weight, None, base.stride, base.padding, base.dilation)
 
 
 def _canonical(kind: LayerKind, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -110,7 +152,7 @@ def _make_spec(base: nn.Module, kind: LayerKind, weight: torch.Tensor, base_weig
     extra = {}
     if kind.kind == "conv":
         extra = dict(kernel_size=tuple(base.kernel_size), stride=tuple(base.stride), padding=base.padding,
-                     dilation=tuple(base.dilation), groups=base.groups, conv=_conv_ungrouped(base))
+                     dilation=tuple(base.dilation), groups=base.groups, conv=functools.partial(_conv_ungrouped, base))
     elif kind.kind == "embedding":
         extra = dict(padding_idx=base.padding_idx)
     dtype = torch.float32 if kind.dequantize else adapter_dtype(weight.dtype)  # adapters on a quantized base
@@ -123,7 +165,8 @@ def spec_of(module: nn.Module) -> LayerSpec:
     if isinstance(module, AdaptedLayer):
         return module.spec()
     kind, weight = layer_kind(module), module.weight
-    return _make_spec(module, kind, weight, lambda: _canonical(kind, module, weight))
+    # A partial, not a lambda: adapters keep their spec, and a model holding them must pickle.
+    return _make_spec(module, kind, weight, functools.partial(_canonical, kind, module, weight))
 
 
 class AdaptedLayer(nn.Module):
@@ -150,6 +193,12 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self.route: list[str | None] | None = None
         self._route_cache: tuple | None = None  # (names, index, stacks) for one lk.route block, no grad
+        # The (disabled, route, active) of the last two differing forwards since gradient checkpointing last
+        # reran one: a rerun happens inside backward, maybe after the lk.route/lk.disabled block has ended.
+        self._modes: list[tuple] = []
+        self._rerun = False
+        # Adapters built while the base weight was on the meta device: garbage until lk.reset (or a load).
+        self.unready: set[str] = set()
         self._stack_cache: tuple | None = None  # kept across lk.route blocks, see _inference_stacks
         self.register_buffer("original_weight", None, persistent=False)  # kept while merged
         # While merged on a quantized base: (its kind, its quantized weight), see merge.
@@ -187,6 +236,45 @@ class AdaptedLayer(nn.Module):
         self.adapters[name] = adapter
         self.recipes[name] = recipe
         self._stack_cache = None
+        if self.weight.is_meta:
+            self.unready.add(name)
+        self._bind_specs()
+
+    def _bind_specs(self) -> None:
+        """Give every adapter this layer's spec as it is now: its device and dtype, and the base weight read
+        through the layer, so that no adapter keeps a tensor the layer has moved, cast or replaced."""
+        spec = dataclasses.replace(self.spec(), source=None)  # source only keys SVD caches while building
+        for module in self.adapters.modules():
+            if isinstance(getattr(module, "spec", None), LayerSpec):
+                module.spec = spec
+
+    def _apply(self, fn, recurse: bool = True):
+        """Run ``fn`` (what ``.to()``, ``.cuda()``, ``.half()``... apply) over the base and the adapters.
+
+        Adapters never go below float32 (lorakit's dtype policy, as PEFT's at creation): where ``fn``
+        would make their floating tensors 16-bit, they only move to its device. So ``adapt`` then
+        ``.half()`` gives the same model as ``.half()`` then ``adapt``.
+        """
+        super()._apply(fn, recurse=False)
+        if recurse:
+            keep = _at_least_float32(fn)
+            for child in self.children():
+                child._apply(keep)
+        if self.quantized is not None:  # the quantized original a merge keeps is not registered
+            kind, weight = self.quantized
+            self.quantized = (kind, fn(weight))
+        for weight in (self.weight, self.quantized and self.quantized[1]):
+            state = getattr(weight, "quant_state", None)
+            if state is not None and state.dtype.is_floating_point:
+                # A cast of the model casts what the 4-bit weight stands for: its dequantized dtype.
+                state.dtype = fn(torch.empty(0, dtype=state.dtype, device=weight.device)).dtype
+        self._stack_cache = self._route_cache = None  # they hold the tensors as they were
+        self._bind_specs()
+        return self
+
+    def __getstate__(self):
+        # Caches are rebuilt on use; a copy or a pickle must not carry (or share) the old tensors.
+        return {**self.__dict__, "_stack_cache": None, "_route_cache": None}
 
     def replace_base(self, base: nn.Module, principal: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Put ``base`` (a quantized copy of the base layer, see lk.quantize) under the adapters.
@@ -203,9 +291,7 @@ class AdaptedLayer(nn.Module):
         object.__setattr__(self, "base", base.train(self.training))
         self.principal_A, self.principal_B = principal or (None, None)
         self._stack_cache = None
-        for module in self.adapters.modules():  # their specs must not pin the old float weight in memory
-            if isinstance(getattr(module, "spec", None), LayerSpec):
-                module.spec = dataclasses.replace(module.spec, source=self.weight)
+        self._bind_specs()  # their specs must not pin the old float weight in memory
 
     def delete(self, name: str) -> None:
         if name in self.merged:
@@ -214,6 +300,7 @@ class AdaptedLayer(nn.Module):
             self.merge(keep)
         del self.adapters[name]
         del self.recipes[name]
+        self.unready.discard(name)
         self._stack_cache = None
         self.active = [n for n in self.active if n != name]
 
@@ -223,17 +310,50 @@ class AdaptedLayer(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled:
+        disabled, route, active = self._mode()
+        if disabled:
             kind, _, weight = self._unmerged_base()
             return self._base_forward(kind, x, weight)
+        if self.unready:
+            self._refuse_unready(route, active)
         out = self._base_forward(self.kind, x, self.weight)
-        if self.route is not None:
-            return self._routed(x, out)
+        if route is not None:
+            return self._routed(x, out, route, active)
         base = out
-        for name in self.active:
+        for name in active:
             if name not in self.merged:
                 out = self._run_adapter(self.adapters[name], x, out, base)
         return out
+
+    def _mode(self) -> tuple[bool, list | None, list[str]]:
+        """(disabled, route, active) for this forward.
+
+        Gradient checkpointing reruns a forward inside backward, when the ``lk.route`` or ``lk.disabled``
+        block it ran in may be over: a rerun takes the mode of the forward it reruns. Forwards record
+        their mode; if forwards of two different modes could be the one rerun, that is an error.
+        """
+        mode = (self.disabled, self.route, self.active)
+        if torch._C._current_graph_task_id() == -1:  # not inside backward: a forward of its own
+            modes = [] if self._rerun else self._modes
+            if not modes or modes[-1] != mode:
+                self.__dict__.update(_modes=(modes + [mode])[-2:], _rerun=False)  # past nn.Module's slow setattr
+            return mode
+        self.__dict__["_rerun"] = True
+        if len(self._modes) > 1:
+            raise ConfigError(
+                f"{self.path}: gradient checkpointing reruns this layer's forward in backward, and it ran under two "
+                "settings (lk.route / lk.disabled / lk.activate) since the last backward; call backward() before "
+                "changing them")
+        return self._modes[0] if self._modes else mode
+
+    def _refuse_unready(self, route, active) -> None:
+        used = set(active) if route is None else set(route)
+        unready = sorted(self.unready & used)
+        if unready:
+            raise ConfigError(
+                f"{self.path}: adapter {unready[0]!r} was built while the base weight was on the meta device and "
+                "holds no values yet: materialise the model (to_empty, then load the base weights), then "
+                "lk.reset(model, name) to initialise it, or lk.load it onto the materialised model")
 
     def _run_adapter(self, adapter: nn.Module, x: torch.Tensor, out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """``adapter(x, out)``; adapters that rescale the base output (DoRA) also get ``base = W·x``, no bias."""
@@ -243,13 +363,19 @@ class AdaptedLayer(nn.Module):
             base = base - self.bias.view(-1, *(1,) * (base.dim() - 2)) if self.kind.kind == "conv" else base - self.bias
         return adapter(x, out, base=base)
 
-    def _routed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _routed(self, x: torch.Tensor, out: torch.Tensor, route: list, active: list[str]) -> torch.Tensor:
         """Row i of the batch gets adapter route[i] (None or absent here = the base)."""
-        if x.shape[0] != len(self.route):
-            raise ConfigError(f"{self.path}: lk.route was given {len(self.route)} names for a batch of {x.shape[0]}")
+        if x.shape[0] != len(route):
+            raise ConfigError(f"{self.path}: lk.route was given {len(route)} names for a batch of {x.shape[0]}")
         if torch.is_grad_enabled():
             # Training restacks the routed adapters every call so gradients reach the live parameters.
-            names, index, stacks = self._plan(x.device, None)
+            names, index, stacks = self._plan(x.device, None, route)
+            idle = [n for n in names if n not in active]
+            if idle and self.training:
+                raise ConfigError(
+                    f"{self.path}: lk.route sends rows to {idle} while training, but only {active} are active, so "
+                    f"{idle} would get no gradient (inactive adapters are frozen): lk.activate(model, "
+                    f"{sorted(set(active) | set(idle))}) before training them together")
         else:
             # Inference makes one plan per `with lk.route(...)` block, from stacks kept across blocks.
             if self._route_cache is None:
@@ -274,16 +400,17 @@ class AdaptedLayer(nn.Module):
         delta = torch.bmm(h, B_rows.transpose(1, 2))  # (b, T, d_out)
         return out + delta.view(out.shape).to(out.dtype)
 
-    def _plan(self, device: torch.device, every: tuple | None) -> tuple:
+    def _plan(self, device: torch.device, every: tuple | None, route: list | None = None) -> tuple:
         """(names routed on this layer, per-row slot index with 0 = the base, stacked (A, s·B, dropout p)).
 
         The stacks are None when a routed adapter has no low-rank factors (conv LoRA, DoRA...): then the
         slots number ``names`` for the per-adapter loop. ``every`` = (slots, stacks) of all the layer's
         factored adapters (inference, see _inference_stacks) is used when it covers the routed names;
-        otherwise only ``names`` are stacked, afresh.
+        otherwise only ``names`` are stacked, afresh. ``route`` defaults to ``self.route``.
         """
+        route = self.route if route is None else route
         here = self.adapters._modules
-        names = sorted({n for n in self.route if n is not None and n in here})
+        names = sorted({n for n in route if n is not None and n in here})
         if not names:
             return names, None, None
         if every is not None and every[1] is not None and all(n in every[0] for n in names):
@@ -293,7 +420,7 @@ class AdaptedLayer(nn.Module):
             factors = [a.factors() if hasattr(a, "factors") else None for a in adapters]
             stacks = None if any(f is None for f in factors) else _stack_factors(factors, adapters)
             slot = {n: i + 1 for i, n in enumerate(names)}
-        return names, torch.tensor([slot.get(n, 0) for n in self.route], device=device), stacks
+        return names, torch.tensor([slot.get(n, 0) for n in route], device=device), stacks
 
     def _cached_plan(self, device: torch.device) -> tuple:
         """The inference plan for ``self.route``, remembered (with the stacks) until a routed adapter changes."""
@@ -395,6 +522,16 @@ class AdaptedLayer(nn.Module):
             self.original_weight = None
         self.merged = []
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # A meta-built adapter whose every tensor this load brings (none recomputed from the base) is ready.
+        for name in list(self.unready):
+            adapter = self.adapters[name]
+            keys = adapter.state_dict().keys()
+            whole = len(keys) == len(list(adapter.buffers())) + len(list(adapter.parameters()))
+            if whole and all(f"{prefix}adapters.{name}.{k}" in state_dict for k in keys):
+                self.unready.discard(name)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.kind.extra_state is not None:  # a quantized base: the same keys as the bitsandbytes layer's
@@ -419,6 +556,23 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{type(self.base).__name__}, adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
+
+
+def _at_least_float32(fn):
+    """``fn`` for adapter tensors: as ``fn``, but a floating tensor it would make 16-bit becomes float32 there."""
+    targets: dict[tuple, torch.Tensor] = {}
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return fn(t)
+        key = (t.dtype, t.device)
+        if key not in targets:  # what fn does to such a tensor, read off an empty one
+            targets[key] = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+        target = targets[key]
+        kept = adapter_dtype(target.dtype)
+        return fn(t) if kept == target.dtype else t.to(device=target.device, dtype=kept)
+
+    return apply
 
 
 def _fingerprint(adapter: nn.Module) -> list:

@@ -200,6 +200,38 @@ def delete(model: nn.Module, name: str) -> None:
     model._lorakit_train = trained
 
 
+def reset(model: nn.Module, name: str = "default") -> nn.Module:
+    """Initialise adapter ``name`` afresh from each layer's base weight as it is now, as ``lk.adapt`` would.
+
+    For an adapter built on the meta device, once the model is materialised (``to_empty``, then the base
+    weights loaded). Its tensors are overwritten in place, so an optimizer made before still holds them.
+    """
+    _check_names(model, [name])
+    layers = [layer for _, layer in adapted_layers(model) if name in layer.adapters]
+    merged = next((layer.path for layer in layers if name in layer.merged), None)
+    if merged is not None:
+        raise MergeError(f"{merged}: adapter {name!r} is merged; lk.unmerge(model) before resetting it")
+    for layer in layers:
+        old, fresh = layer.adapters[name], layer.recipes[name].build(layer.spec())
+        now, new = _all_tensors(old), _all_tensors(fresh)
+        if now.keys() == new.keys() and all(t.shape == new[k].shape for k, t in now.items()):
+            with torch.no_grad():
+                for key, tensor in now.items():
+                    tensor.copy_(new[key])
+        else:  # the fresh adapter has other shapes (a pruned AdaLoRA): it replaces the old one
+            fresh.train(old.training).requires_grad_(name in layer.active)
+            layer.adapters[name] = fresh
+            layer._bind_specs()
+        layer.unready.discard(name)
+        layer._stack_cache = None
+    return model
+
+
+def _all_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, persistent or not, shared ones under each of their names."""
+    return {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
+
+
 def to_lora(model: nn.Module, name: str = "default") -> nn.Module:
     """Turn adapter ``name`` (PiSSA, MiLoRA) into the plain LoRA computing the same update, in place.
 

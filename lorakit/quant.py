@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import ConfigError, LorakitError, UnsupportedLayerError
-from lorakit.layers import AdaptedLayer, LayerKind
+from lorakit.layers import AdaptedLayer, LayerKind, linear_sizes
 
 MODES = ("nf4", "fp4", "int8")
 
@@ -162,11 +162,10 @@ def _state_int8(base: nn.Module, weight) -> dict[str, torch.Tensor]:
     return {"SCB": _int8_state(base, weight).SCB, "weight_format": torch.tensor(0, dtype=torch.uint8)}
 
 
-_SIZES = lambda m: (m.in_features, m.out_features)  # noqa: E731
-QUANT_4BIT = LayerKind("linear", _forward_4bit, _SIZES, ("in_features", "out_features"),
-                       dequantize=_dequantize_4bit, extra_state=_state_4bit)
-QUANT_INT8 = LayerKind("linear", _forward_int8, _SIZES, ("in_features", "out_features"),
-                       dequantize=_dequantize_int8, extra_state=_state_int8)
+QUANT_4BIT = LayerKind("linear", _forward_4bit, linear_sizes, ("in_features", "out_features"),
+                       dequantize=_dequantize_4bit, extra_state=_state_4bit, label="4bit")
+QUANT_INT8 = LayerKind("linear", _forward_int8, linear_sizes, ("in_features", "out_features"),
+                       dequantize=_dequantize_int8, extra_state=_state_int8, label="int8")
 KINDS = {"Params4bit": QUANT_4BIT, "Int8Params": QUANT_INT8}  # by the weight's type: subclasses of either layer
 
 

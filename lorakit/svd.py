@@ -9,7 +9,7 @@ singular vectors (LoRA-XS, SVFT) would silently change meaning if a reload flipp
 Randomized SVD (``niter=``, Halko et al. 2011 as ``torch.svd_lowrank``, no oversampling, as
 PEFT's ``pissa_niter_K``) runs under a fixed seed, so the same weight always gives the same factors.
 
-Results are cached by weight (its identity, version and shape), so two adapters on one layer do
+Results are cached by weight (its identity, version, storage, dtype and shape), so two adapters on one layer do
 not redo the decomposition; ``clear_cache()`` frees the cache, ``cache_bytes`` bounds it and
 ``cached_bytes()`` says how much it holds.
 """
@@ -68,7 +68,9 @@ def svd(weight: torch.Tensor, rank: int | None = None, niter: int | None = None,
     if niter is not None and rank is None:
         raise ValueError("randomized SVD needs the rank to find")
     source = weight if source is None else source
-    key = (id(source), source._version, tuple(weight.shape), source.device, None if niter is None else (rank, niter))
+    # Storage and dtype too: .to() and .half() keep a parameter's identity and version but not its values.
+    key = (id(source), source._version, source.data_ptr(), source.dtype, tuple(weight.shape), source.device,
+           None if niter is None else (rank, niter))
     hit = _cache.get(key)
     if hit is not None and hit[0]() is source:
         _cache.move_to_end(key)

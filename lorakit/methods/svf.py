@@ -71,7 +71,7 @@ class SpectralAdapter(nn.Module):
         self.register_buffer("rows", rows.to(spec.device))  # (k,) support of M
         self.register_buffer("cols", cols.to(spec.device))
         self.values = nn.Parameter(values.to(**factory).clone())  # (k,)
-        self.diagonal = _is_diagonal(self.rows, self.cols, S.shape[0])
+        self.diagonal = _is_diagonal(rows, cols, S.shape[0])  # the arguments: still readable on a meta-built layer
 
     def coefficients(self) -> torch.Tensor:
         """M's non-zero entries, (k,)."""
@@ -126,5 +126,7 @@ class SpectralAdapter(nn.Module):
 
 def _is_diagonal(rows: torch.Tensor, cols: torch.Tensor, n: int) -> bool:
     """Whether M's support is exactly its diagonal, in order: then M is an elementwise scale, no matmul."""
+    if rows.is_meta:
+        return False
     index = torch.arange(n, device=rows.device)
     return rows.shape == index.shape and torch.equal(rows, index) and torch.equal(cols, index)
