@@ -333,6 +333,8 @@ class AdaptedLayer(nn.Module):
         their mode; if forwards of two different modes could be the one rerun, that is an error.
         """
         mode = (self.disabled, self.route, self.active)
+        if torch.compiler.is_compiling():  # a compiled graph is specialised to these attributes anyway
+            return mode
         if torch._C._current_graph_task_id() == -1:  # not inside backward: a forward of its own
             modes = [] if self._rerun else self._modes
             if not modes or modes[-1] != mode:

@@ -143,15 +143,17 @@ def _grads(model):
 def _backward(model, x, run=None):
     model.zero_grad()
     torch.manual_seed(7)  # the same dropout masks on each side
-    out = (run or model)(x)
+    out = (model if run is None else run)(x)
     out.float().pow(2).sum().backward()
     return out.detach(), _grads(model)
 
 
 def _compiled_equals_eager(model, x, backend: str) -> None:
+    """Whole-graph compiled forward and backward (no graph break) equal eager ones."""
+    torch._dynamo.reset()  # each case is a new model: its recompiles must not count against the next's
     model.train()
     out, grads = _backward(model, x)
-    compiled_out, compiled_grads = _backward(model, x, torch.compile(model, backend=backend))
+    compiled_out, compiled_grads = _backward(model, x, torch.compile(model, backend=backend, fullgraph=True))
     torch.testing.assert_close(compiled_out, out, atol=1e-5, rtol=1e-5)
     assert compiled_grads.keys() == grads.keys() and grads
     for n in grads:
