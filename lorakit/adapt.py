@@ -6,6 +6,7 @@ Targets follow PEFT's conventions so configs carry over:
   * ``"all-linear"``: every Linear / GPT-2 Conv1D layer except the output head.
 ``layers=[...]`` keeps modules whose first numeric path component (``model.layers.3.…``) is listed.
 ``ranks`` / ``alphas`` map a regex (searched in the module path, first match wins) to a value.
+``train=[...]`` names other modules (heads, norms) each adapter trains a copy of (see lorakit/trained.py).
 """
 
 from __future__ import annotations
@@ -18,16 +19,21 @@ from torch import nn
 
 from lorakit.errors import AdapterExistsError, ConfigError, MergeError, TargetNotFoundError, UnsupportedLayerError
 from lorakit.layers import AdaptedLayer, layer_kind, spec_of
+from lorakit.methods.base import check_finite
+from lorakit.trained import TrainedModule, add_copy, check_placement, fresh_copy
 
 Targets = str | Sequence[str]
 
 
 def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """(path, module) for every submodule, not descending into adapted layers."""
+    """(path, module) for every submodule of the base: not descending into adapted layers, nor into the
+    trained copies of a ``train=`` module (its original's submodules are walked)."""
     for name, child in model.named_children():
         path = f"{prefix}.{name}" if prefix else name
         yield path, child
-        if not isinstance(child, AdaptedLayer):
+        if isinstance(child, TrainedModule):
+            yield from walk(child.original, path)
+        elif not isinstance(child, AdaptedLayer):
             yield from walk(child, path)
 
 
@@ -60,9 +66,21 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return head if head is not None else getattr(model, "lm_head", None)
 
 
+def check_regex(pattern, what: str) -> None:
+    """Raise ConfigError unless ``pattern`` is a string that compiles as a regular expression."""
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{what}: a pattern must be a regex string, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{what}: {pattern!r} is not a valid regular expression ({e})") from None
+
+
 def _matching(candidates: list[tuple[str, nn.Module]], targets: Targets) -> list[tuple[str, nn.Module]]:
     if not isinstance(targets, str) and (not targets or any(not isinstance(t, str) for t in targets)):
         raise ConfigError(f"targets must be a regex string, a non-empty list of names or 'all-linear', got {targets!r}")
+    if isinstance(targets, str):
+        check_regex(targets, "targets")
     return [(p, m) for p, m in candidates if matches(p, targets)]
 
 
@@ -122,11 +140,18 @@ def adapt(model: nn.Module, method, targets: Targets = "all-linear", *, name: st
           alphas: Mapping[str, float] | None = None, train: Sequence[str] | None = None) -> nn.Module:
     """Freeze ``model`` and add a trainable adapter called ``name`` to every targeted layer.
 
-    The new adapter becomes the only active one. ``train`` names other modules (norms, heads)
-    whose own parameters are trained and saved with the adapter. Returns ``model``.
+    The new adapter becomes the only active one. ``train`` names other modules (norms, heads) of which
+    the adapter trains and saves a copy of its own; the originals stay frozen. Returns ``model``.
     """
     from lorakit.model import adapter_names
 
+    if isinstance(method, type) or not dataclasses.is_dataclass(method) or not callable(getattr(method, "build", None)):
+        raise ConfigError(f"method must be a recipe such as lk.LoRA(rank=8), got {method!r}"
+                          + (": call the class to make one" if isinstance(method, type) else ""))
+    check_finite(method)
+    for what, patterns in (("ranks", ranks), ("alphas", alphas)):
+        for pattern in patterns or {}:
+            check_regex(pattern, what)
     if name in adapter_names(model):
         raise AdapterExistsError(f"the model already has an adapter named {name!r}; pick another name or lk.delete it")
     train_paths = find(model, train) if train else []
@@ -134,17 +159,21 @@ def adapt(model: nn.Module, method, targets: Targets = "all-linear", *, name: st
     for path, module in select(model, targets, layers):
         recipe = recipe_for(method, path, ranks, alphas)
         built[path] = (recipe, recipe.build(spec_of(module)))
-    attach(model, name, built, train_paths)
+    attach(model, name, built, {path: fresh_copy(model.get_submodule(path)) for path in train_paths})
     return model
 
 
-def attach(model: nn.Module, name: str, built: Mapping[str, tuple], train_paths: Sequence[str] = ()) -> None:
-    """Wrap the modules in ``built`` ({path: (recipe, adapter)}) and make ``name`` the active adapter."""
+def attach(model: nn.Module, name: str, built: Mapping[str, tuple], trained: Mapping[str, nn.Module] | None = None
+           ) -> None:
+    """Wrap the modules in ``built`` ({path: (recipe, adapter)}), give ``name`` its ``trained`` copies
+    ({path: copy of that ``train=`` module}) and make ``name`` the active adapter."""
     from lorakit.model import activate, adapted_layers
 
     merged = next((path for path, layer in adapted_layers(model) if layer.merged), None)
     if merged is not None:
         raise MergeError(f"{merged} has merged adapters; lk.unmerge(model) before adding adapter {name!r}")
+    trained = trained or {}
+    check_placement(model, list(built), list(trained))
     model.requires_grad_(False)  # the base is frozen; activate() re-enables what trains
     for path, (recipe, adapter) in built.items():
         module = model.get_submodule(path)
@@ -153,9 +182,8 @@ def attach(model: nn.Module, name: str, built: Mapping[str, tuple], train_paths:
             parent, _, leaf = path.rpartition(".")
             setattr(model.get_submodule(parent), leaf, module)
         module.add(name, adapter.train(module.training), recipe)  # an eval-mode model stays in eval mode
-    trained = dict(getattr(model, "_lorakit_train", {}))
-    trained[name] = list(train_paths)
-    model._lorakit_train = trained
+    for path, trained_copy in trained.items():
+        add_copy(model, path, name, trained_copy)
     activate(model, name)
 
 

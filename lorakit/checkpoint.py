@@ -5,11 +5,17 @@ LoRA and rsLoRA adapters are written exactly as PEFT writes them (keys prefixed
 written by PEFT load here too. Methods PEFT lacks use the same two files with
 ``"lorakit_method"`` in the config. Writes are atomic; loads check every key and shape before
 touching the model, so a bad file leaves the model as it was.
+
+Integrity: safetensors has no checksum, so every tensor file lorakit writes (``write_tensors``: adapters,
+and the trainer's checkpoints) carries a sha256 of its tensors in its metadata, which ``read_tensors``
+checks; a flipped bit is an AdapterFileError naming the file. Files without one (PEFT's) read as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -17,37 +23,117 @@ import re
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.adapt import attach, kind_of, matches, walk
-from lorakit.errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, ShapeMismatchError
+from lorakit.adapt import attach, check_regex, kind_of, matches, walk
+from lorakit.errors import (AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, LorakitError,
+                            ShapeMismatchError)
 from lorakit.layers import spec_of
-from lorakit.methods.base import METHODS, recipe_fields
+from lorakit.methods.base import METHODS, check_finite, recipe_fields
 from lorakit.methods.adalora import AdaLoRA
 from lorakit.methods.dora import DoRA
 from lorakit.methods.lora import LoRA
 from lorakit.model import adapted_layers, adapter_names
+from lorakit.trained import fresh_copy, trained_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+DIGEST_KEY = "lorakit_sha256"  # safetensors metadata: see tensor_digest
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` through a temporary sibling and a rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    atomic_write_all({Path(path): write})
+
+
+def atomic_write_all(writes: Mapping[Path, Callable[[Path], None]]) -> None:
+    """Write each file of ``writes`` ({path: write(temporary path)}) to a temporary sibling, then rename them
+    all into place: a failed write (disk full, read-only directory) leaves every old file as it was.
+
+    An OSError comes out as an AdapterFileError naming the path that could not be written.
+    """
+    staged: list[tuple[Path, Path]] = []
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            staged.append((tmp, path))
+            with _naming(path):
+                write(tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+        for tmp, path in staged:
+            with _naming(path):
+                os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):  # never created (read-only directory), or already renamed
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Raise an error from writing ``path`` (an OSError, or safetensors' own for I/O) as an AdapterFileError
+    that says which path."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        if isinstance(e, LorakitError):
+            raise
+        raise AdapterFileError(f"{path}: cannot write it ({getattr(e, 'strerror', None) or e})") from e
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' sorted names, dtypes, shapes and bytes (the checksum lorakit's files carry)."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, without a copy
+    return digest.hexdigest()
+
+
+def _tensors_writer(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+                    ) -> Callable[[Path], None]:
+    """What writes ``tensors`` as a safetensors file with their digest (for atomic_write_all)."""
+    # Copies on the CPU: safetensors wants contiguous CPU tensors and refuses ones sharing storage (tied weights).
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    metadata = {**(metadata or {}), "format": "pt", DIGEST_KEY: tensor_digest(tensors)}
+    return lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
+
+
+def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                  metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` (any device; shared storage is fine) to the safetensors file ``path``, atomically,
+    with a digest of their bytes in its metadata that ``read_tensors`` checks. ``metadata``: more str → str."""
+    atomic_write(Path(path), _tensors_writer(tensors, metadata))
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path``, on the CPU, checked against the digest lorakit writes
+    (a file without one, such as PEFT's, is read as it is).
+
+    A missing, truncated, corrupt or altered file raises AdapterFileError naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise AdapterFileError(f"{path}: truncated or corrupt ({e})") from None
+    expected = metadata.get(DIGEST_KEY)
+    if expected is not None and tensor_digest(tensors) != expected:
+        raise AdapterFileError(f"{path}: its tensor data does not match the checksum saved with it; the file is "
+                               "corrupt (changed after it was written)")
+    return tensors
 
 
 def _version() -> str:
@@ -60,12 +146,21 @@ def _version() -> str:
 
 
 def _target_modules(model: nn.Module, paths: list[str]) -> list[str] | str:
-    """PEFT's ``target_modules``: leaf names when they select exactly ``paths``, else a full-match regex."""
-    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    selected = {p for p, m in walk(model) if matches(p, leaves) and kind_of(m) is not None}
-    if selected == set(paths):
-        return leaves
-    return "(" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
+    """PEFT's ``target_modules`` selecting exactly ``paths``: each path's shortest dotted suffix that names no
+    other module, of any type (PEFT matches containers too: ``"0"`` from ``to_out.0`` would take
+    ``down_blocks.0``), or a full-match regex of the paths where some path is itself the suffix of another."""
+    wanted = set(paths)
+    # Every dotted suffix of the other modules' paths: a name PEFT would match on one of them.
+    taken = {".".join(parts[i:]) for p, _ in walk(model) if p not in wanted
+             for parts in [p.split(".")] for i in range(len(parts))}
+    names = set()
+    for path in paths:
+        parts = path.split(".")
+        name = next((s for i in range(len(parts) - 1, -1, -1) for s in [".".join(parts[i:])] if s not in taken), None)
+        if name is None:
+            return "(" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
+        names.add(name)
+    return sorted(names)
 
 
 def _patterns(recipes: dict[str, object], key: str, default) -> dict[str, object]:
@@ -83,7 +178,7 @@ def _as_peft(recipe, adapter, path: str):
 
 
 def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", format: str = "lorakit") -> Path:
-    """Write adapter ``name`` (and its ``train=`` modules) to ``directory``; returns the directory.
+    """Write adapter ``name`` (and its copies of ``train=`` modules) to ``directory``; returns the directory.
 
     LoRA, rsLoRA and DoRA are always written in PEFT's format. ``format="peft"`` also converts
     PiSSA/MiLoRA adapters to the plain LoRA (rank 2r) that PEFT loads on the original base.
@@ -93,6 +188,10 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     layers = [(path, layer) for path, layer in adapted_layers(model) if name in layer.adapters]
     if not layers:
         raise AdapterNotFoundError(f"no adapter named {name!r} on the model; it has {adapter_names(model)}")
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise AdapterFileError(f"{out}: is a file, not a directory (lk.save writes a directory holding "
+                               f"{CONFIG_NAME} and {WEIGHTS_NAME})")
     entries = {path: (layer.recipes[name], layer.adapters[name]) for path, layer in layers}
     if format == "peft":
         entries = {path: _as_peft(*entry, path) for path, entry in entries.items()}
@@ -104,18 +203,17 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
         # Adapters that prune themselves (AdaLoRA) write only what they keep, as PEFT does.
         for suffix, tensor in (adapter.pruned() if hasattr(adapter, "pruned") else adapter.export()).items():
             tensors[f"{PREFIX}{path}.{suffix}"] = tensor
-    train_paths = getattr(model, "_lorakit_train", {}).get(name, [])
-    for path in train_paths:
-        for pname, param in model.get_submodule(path).named_parameters():
-            tensors[f"{PREFIX}{path}.{pname}"] = param
-    # Clone: safetensors refuses tensors that share storage (tied weights), and wants them on CPU.
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    # The adapter's own copies, under the module's keys (PEFT's modules_to_save: no "modules_to_save.<name>").
+    trained = {path: module.adapters[name] for path, module in trained_modules(model) if name in module.adapters}
+    for path, trained_copy in trained.items():
+        for key, tensor in trained_copy.state_dict().items():
+            tensors[f"{PREFIX}{path}.{key}"] = tensor
 
     config = {
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "bias": "none", "fan_in_fan_out": any(layer.kind.transposed for _, layer in layers),
         "inference_mode": True, "init_lora_weights": True, "layers_pattern": None, "layers_to_transform": None,
-        "lora_bias": False, "modules_to_save": train_paths or None, "revision": None,
+        "lora_bias": False, "modules_to_save": sorted(trained) or None, "revision": None,
         "target_modules": _target_modules(model, [p for p, _ in layers]),
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
     }
@@ -133,17 +231,22 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
         config.update({"peft_type": None, "lorakit_version": _version(), "lorakit_method": default.name, "lorakit_recipe": recipe_fields(default),
                        "lorakit_overrides": {p: recipe_fields(r) for p, r in recipes.items() if r != default}})
 
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    # Weights first, config last: a config on disk always describes complete weights.
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    with _naming(out):
+        out.mkdir(parents=True, exist_ok=True)
+    # Both files are complete on disk before either replaces an old one.
+    atomic_write_all({out / WEIGHTS_NAME: _tensors_writer(tensors, None),
+                      out / CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")})
     return out
 
 
 def read(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """The config and tensors of an adapter directory, with clear errors for anything unreadable."""
     directory = Path(directory)
+    if directory.is_file():
+        raise AdapterFileError(f"{directory}: is a file, not an adapter directory (give the directory that holds "
+                               f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+    if not directory.is_dir():
+        raise AdapterFileError(f"{directory}: no such directory")
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise AdapterFileError(f"{directory}: no {CONFIG_NAME} (not an adapter directory)")
@@ -155,18 +258,14 @@ def read(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise AdapterFileError(f"{config_path}: not a JSON object (an adapter config maps keys to values)")
     weights = directory / WEIGHTS_NAME
     legacy = directory / "adapter_model.bin"
+    if weights.is_file():
+        return config, read_tensors(weights)
+    if not legacy.is_file():
+        raise AdapterFileError(f"{directory}: no {WEIGHTS_NAME}")
     try:
-        if weights.is_file():
-            tensors = load_file(str(weights))
-        elif legacy.is_file():
-            tensors = torch.load(legacy, map_location="cpu", weights_only=True)  # never unpickles code
-        else:
-            raise AdapterFileError(f"{directory}: no {WEIGHTS_NAME}")
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        if isinstance(e, AdapterFileError):
-            raise
-        raise AdapterFileError(f"{weights if weights.is_file() else legacy}: truncated or corrupt ({e})") from None
-    return config, tensors
+        return config, torch.load(legacy, map_location="cpu", weights_only=True)  # never unpickles code
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise AdapterFileError(f"{legacy}: truncated or corrupt ({e})") from None
 
 
 def _recipe(config: dict, where: Path):
@@ -188,90 +287,209 @@ def _recipe(config: dict, where: Path):
         rslora=bool(config.get("use_rslora")))
 
 
+def _check_patterns(config: dict, where: Path) -> None:
+    """Refuse a config whose module-name fields are not strings or whose regexes do not compile, naming the file."""
+    patterns = []
+    for field in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
+        value = config.get(field)
+        names = [] if value is None else [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise AdapterFileError(f"{where}: {field} must be a string or a list of strings, got {value!r}")
+        # PEFT reads a target_modules / exclude_modules string, layers_pattern and modules_to_save as regexes.
+        if isinstance(value, str) or field in ("layers_pattern", "modules_to_save"):
+            patterns += [(field, n) for n in names]
+    for field in ("rank_pattern", "alpha_pattern"):
+        value = config.get(field) or {}
+        if not isinstance(value, dict):
+            raise AdapterFileError(f"{where}: {field} must map module patterns to values, got {value!r}")
+        patterns += [(field, key) for key in value]
+    for field, pattern in patterns:
+        try:
+            check_regex(pattern, field)
+        except ConfigError as e:
+            raise AdapterFileError(f"{where}: {e}") from None
+
+
 def _peft_pattern(patterns: dict, path: str):
     """PEFT's per-module override rule: the key matches the end of the path at a dot boundary."""
     return next((v for k, v in (patterns or {}).items() if re.match(rf"(.*\.)?({k})$", path)), None)
 
 
 def _module_recipe(config: dict, default, path: str, tensors: dict[str, torch.Tensor]):
-    """The recipe for one module: our stored overrides, or PEFT's patterns and tensor shapes."""
+    """The recipe for one module: our stored overrides, or PEFT's r / rank_pattern and alpha_pattern.
+
+    A PEFT-format module whose tensors have another rank than the config gives it is refused, as PEFT does.
+    """
     if "lorakit_method" in config:
         fields = config.get("lorakit_overrides", {}).get(path)
         return type(default)(**fields) if fields else default
     if not hasattr(default, "rank"):
         return default  # AdaLoRA: a pruned matrix sizes itself from its tensors
+    rank = _peft_pattern(config.get("rank_pattern"), path)
+    rank = default.rank if rank is None else int(rank)
     A = tensors.get("lora_A.weight", tensors.get("lora_embedding_A"))
-    rank = int(A.shape[0]) if A is not None else default.rank
+    if A is not None and A.shape[0] != rank:
+        raise ShapeMismatchError(f"{path}: its tensors have rank {A.shape[0]} (lora_A {tuple(A.shape)}), but the "
+                                 f"config gives it r={rank} (r / rank_pattern); the config does not describe them")
     alpha = _peft_pattern(config.get("alpha_pattern"), path)
     return dataclasses.replace(default, rank=rank, alpha=float(alpha) if alpha is not None else default.alpha)
 
 
-def load(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> nn.Module:
+def _saved_modules(config: dict, modules: dict[str, nn.Module]) -> list[str]:
+    """The paths the config's ``modules_to_save`` names, by PEFT's rule (a path ending with a name), outermost."""
+    names = config.get("modules_to_save") or []
+    found = [p for p in modules if any(p.endswith(n) for n in names)]
+    return [p for p in found if not any(p.startswith(q + ".") for q in found)]
+
+
+def _targeted(config: dict, modules: dict[str, nn.Module]) -> list[str]:
+    """The adaptable modules the config's ``target_modules`` selects in this model, by PEFT's rule
+    (``check_target_module_exists``): the modules whose tensors the file must hold."""
+    targets = config.get("target_modules")
+    if not targets:
+        return []
+    excluded = config.get("exclude_modules")
+    saved = config.get("modules_to_save") or []
+    chosen = []
+    for path, module in modules.items():
+        if kind_of(module) is None or (excluded and matches(path, excluded)):
+            continue
+        if any(re.match(rf"(^|.*\.){name}($|\..*)", path) for name in saved):  # PEFT never adapts these
+            continue
+        if isinstance(targets, str) or path in targets:
+            found = matches(path, targets)
+        else:  # a suffix match is limited by layers_to_transform
+            found = matches(path, targets) and _in_layers(config, path)
+        if found:
+            chosen.append(path)
+    return chosen
+
+
+def _in_layers(config: dict, path: str) -> bool:
+    """PEFT's ``layers_to_transform`` rule: the first ``<layers_pattern>.<index>.`` of the path has a listed index."""
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    pattern = config.get("layers_pattern")
+    patterns = [pattern] if isinstance(pattern, str) and pattern else list(pattern or [])
+    if patterns:
+        match = next((m for p in patterns for m in [re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path)] if m), None)
+    else:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    if match is None:
+        return False
+    index = int(match["idx"])
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", *, strict: bool = True) -> nn.Module:
     """Add the adapter saved in ``directory`` (ours or PEFT's) as ``name`` and make it active.
 
-    Every tensor is checked against the model before anything is attached.
+    Every tensor is checked against the model before anything is attached. A file missing every tensor
+    of some module its config targets (or trains) is refused, naming them; ``strict=False`` warns and
+    loads the rest (those modules stay the base).
     """
     directory = Path(directory)
     if name in adapter_names(model):
         raise AdapterExistsError(f"the model already has an adapter named {name!r}; load it under another name")
     config, tensors = read(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    _check_patterns(config, config_path)
     try:
         default = _recipe(config, directory)
+        check_finite(default)
     except (KeyError, TypeError, ValueError) as e:  # a field missing, of the wrong type or out of range
-        raise AdapterFileError(f"{directory / CONFIG_NAME}: not a valid adapter config "
-                               f"({type(e).__name__}: {e})") from None
+        raise AdapterFileError(f"{config_path}: not a valid adapter config ({type(e).__name__}: {e})") from None
     modules = dict(walk(model))
-    saved = config.get("modules_to_save") or []
-    train_paths = [p for p in modules if matches(p, saved)] if saved else []
+    train_paths = _saved_modules(config, modules)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     trained: dict[str, dict[str, torch.Tensor]] = {}
+    base_tensors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
-            raise ShapeMismatchError(f"{directory / WEIGHTS_NAME}: key {key!r} lacks the {PREFIX!r} prefix")
+            raise ShapeMismatchError(f"{weights_path}: key {key!r} lacks the {PREFIX!r} prefix")
         path, suffix = _split(key[len(PREFIX):], modules, train_paths, directory)
-        if suffix.startswith("base_layer."):
-            # PEFT saves a targeted embedding's full weight too (for resized vocabularies): that is
-            # the base the adapter was trained on, so it is loaded like a `train=` module's tensor.
-            trained.setdefault(path, {})[suffix[len("base_layer."):]] = tensor
+        if path in train_paths:
+            trained.setdefault(path, {})[suffix] = tensor
+        elif suffix.startswith("base_layer."):
+            # PEFT saves a targeted embedding's full weight too (for resized vocabularies): that is the
+            # base the adapter was trained on, and it replaces the model's (for every adapter, as in PEFT).
+            base_tensors.setdefault(path, {})[suffix[len("base_layer."):]] = tensor
         else:
-            (trained if path in train_paths else grouped).setdefault(path, {})[suffix] = tensor
+            grouped.setdefault(path, {})[suffix] = tensor
     if not grouped:
         raise AdapterFileError(f"{directory}: the adapter holds no adapter tensors")
+    missing = [p for p in _targeted(config, modules) if p not in grouped] + [p for p in train_paths if p not in trained]
+    if missing:
+        listed = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        message = f"{directory}: the file has no tensors for {len(missing)} module(s) its config names: {listed}"
+        if strict:
+            raise AdapterFileError(f"{message}; the file is incomplete (lk.load(..., strict=False) loads the rest)")
+        warnings.warn(f"{message}; they are left as the base (strict=False)", stacklevel=2)
 
     built = {}
     for path, module_tensors in grouped.items():
-        recipe = _module_recipe(config, default, path, module_tensors)
+        try:
+            recipe = _module_recipe(config, default, path, module_tensors)
+            check_finite(recipe)
+        except ShapeMismatchError:
+            raise
+        except (TypeError, ValueError) as e:  # an override out of range (ConfigError) or no setting of the method
+            raise AdapterFileError(f"{config_path}: {path}: not a valid setting ({type(e).__name__}: {e})") from None
         adapter = recipe.build(spec_of(modules[path]), init=False)
         adapter.load_tensors(module_tensors, where=path)
         built[path] = (recipe, adapter)
-    copies = []  # (path, parameter name, the model's parameter, the file's tensor)
-    for path, module_tensors in trained.items():
-        params = dict(modules[path].named_parameters())
-        for pname, tensor in module_tensors.items():
-            if pname not in params or params[pname].shape != tensor.shape:
-                raise ShapeMismatchError(
-                    f"{path}.{pname}: the file has shape {tuple(tensor.shape)}, the model has "
-                    f"{tuple(params[pname].shape) if pname in params else 'no such parameter'}")
-            copies.append((path, pname, params[pname], tensor))
-    # attach makes the last check (no merged adapters) before it changes anything; the copies come after it.
-    attach(model, name, built, [p for p in train_paths if p in trained])
+    copies = {path: _trained_copy(modules[path], path, module_tensors) for path, module_tensors in trained.items()}
+    base_copies = [(path, pname, param, tensor) for path, module_tensors in base_tensors.items()
+                   for pname, param, tensor in _fitting(modules[path], path, module_tensors)]
+    # attach makes the last checks (no merged adapters, train= placement) before it changes anything.
+    attach(model, name, built, copies)
     with torch.no_grad():
-        for path, pname, param, tensor in copies:
-            if path not in train_paths and not torch.equal(param, tensor.to(param)):
+        for path, pname, param, tensor in base_copies:
+            if not torch.equal(param, tensor.to(param)):
                 warnings.warn(f"{directory}: the adapter carries its own {path}.{pname} (PEFT saves targeted "
                               "embeddings whole); it replaces the model's", stacklevel=2)
             param.copy_(tensor)
     return model
 
 
+def _fitting(module: nn.Module, path: str, tensors: dict[str, torch.Tensor]) -> list[tuple]:
+    """(name, the module's tensor, the file's) for each of ``tensors``, checked to be a state tensor of
+    ``module`` of the same shape."""
+    own = module.state_dict(keep_vars=True)
+    pairs = []
+    for key, tensor in tensors.items():
+        if key not in own or own[key].shape != tensor.shape:
+            raise ShapeMismatchError(f"{path}.{key}: the file has shape {tuple(tensor.shape)}, the model has "
+                                     f"{tuple(own[key].shape) if key in own else 'no such tensor'}")
+        pairs.append((key, own[key], tensor))
+    return pairs
+
+
+def _trained_copy(module: nn.Module, path: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh copy of the ``train=`` module ``module`` holding the file's ``tensors`` (all of its state)."""
+    trained_copy = fresh_copy(module)
+    pairs = _fitting(trained_copy, path, tensors)
+    missing = sorted(set(trained_copy.state_dict()) - set(tensors))
+    if missing:
+        raise ShapeMismatchError(f"{path}: the file trains this module but lacks its {missing}")
+    with torch.no_grad():
+        for _, target, tensor in pairs:
+            target.copy_(tensor)
+    return trained_copy
+
+
 def _split(key: str, modules: dict[str, nn.Module], train_paths: list[str], where: Path) -> tuple[str, str]:
-    """Split ``module.path.suffix`` at the deepest adaptable module (or ``train=`` module)."""
+    """Split ``module.path.suffix`` at the ``train=`` module it falls in, else at the deepest adaptable module."""
     parts = key.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        path = ".".join(parts[:i])
-        if path in modules and (path in train_paths or kind_of(modules[path]) is not None):
-            return path, ".".join(parts[i:])
-    known = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
+    prefixes = [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]  # deepest first
+    for i, path in enumerate(prefixes):
+        if path in train_paths:
+            return path, ".".join(parts[len(parts) - 1 - i:])
+    for i, path in enumerate(prefixes):
+        if path in modules and kind_of(modules[path]) is not None:
+            return path, ".".join(parts[len(parts) - 1 - i:])
+    known = next((p for p in prefixes if p in modules), None)
     raise ShapeMismatchError(
         f"{where / WEIGHTS_NAME}: tensor {key!r} names a module the model does not have"
         + (f" (the model has {known!r}, a {type(modules[known]).__name__})" if known else ""))

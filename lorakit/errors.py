@@ -43,7 +43,8 @@ class AdapterNotFoundError(LorakitError, KeyError):
 
 
 class AdapterFileError(LorakitError, OSError):
-    """An adapter directory is missing, truncated, corrupt or not an adapter we can read."""
+    """An adapter directory or tensor file is missing, truncated, corrupt, incomplete, not an adapter we can
+    read, or cannot be written where asked (a path that is a file, a read-only directory)."""
 
 
 class ShapeMismatchError(LorakitError, ValueError):

@@ -310,7 +310,7 @@ class AdaptedLayer(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        disabled, route, active = self._mode()
+        disabled, route, active = forward_mode(self)
         if disabled:
             kind, _, weight = self._unmerged_base()
             return self._base_forward(kind, x, weight)
@@ -324,29 +324,6 @@ class AdaptedLayer(nn.Module):
             if name not in self.merged:
                 out = self._run_adapter(self.adapters[name], x, out, base)
         return out
-
-    def _mode(self) -> tuple[bool, list | None, list[str]]:
-        """(disabled, route, active) for this forward.
-
-        Gradient checkpointing reruns a forward inside backward, when the ``lk.route`` or ``lk.disabled``
-        block it ran in may be over: a rerun takes the mode of the forward it reruns. Forwards record
-        their mode; if forwards of two different modes could be the one rerun, that is an error.
-        """
-        mode = (self.disabled, self.route, self.active)
-        if torch.compiler.is_compiling():  # a compiled graph is specialised to these attributes anyway
-            return mode
-        if torch._C._current_graph_task_id() == -1:  # not inside backward: a forward of its own
-            modes = [] if self._rerun else self._modes
-            if not modes or modes[-1] != mode:
-                self.__dict__.update(_modes=(modes + [mode])[-2:], _rerun=False)  # past nn.Module's slow setattr
-            return mode
-        self.__dict__["_rerun"] = True
-        if len(self._modes) > 1:
-            raise ConfigError(
-                f"{self.path}: gradient checkpointing reruns this layer's forward in backward, and it ran under two "
-                "settings (lk.route / lk.disabled / lk.activate) since the last backward; call backward() before "
-                "changing them")
-        return self._modes[0] if self._modes else mode
 
     def _refuse_unready(self, route, active) -> None:
         used = set(active) if route is None else set(route)
@@ -558,6 +535,30 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{type(self.base).__name__}, adapters={list(self.adapters)}, active={self.active}, merged={self.merged}"
+
+
+def forward_mode(module: nn.Module) -> tuple[bool, list | None, list[str]]:
+    """(disabled, route, active) for this forward of an adapted layer or a train= module (``module``).
+
+    Gradient checkpointing reruns a forward inside backward, when the ``lk.route`` or ``lk.disabled``
+    block it ran in may be over: a rerun takes the mode of the forward it reruns. Forwards record
+    their mode; if forwards of two different modes could be the one rerun, that is an error.
+    """
+    mode = (module.disabled, module.route, module.active)
+    if torch.compiler.is_compiling():  # a compiled graph is specialised to these attributes anyway
+        return mode
+    if torch._C._current_graph_task_id() == -1:  # not inside backward: a forward of its own
+        modes = [] if module._rerun else module._modes
+        if not modes or modes[-1] != mode:
+            module.__dict__.update(_modes=(modes + [mode])[-2:], _rerun=False)  # past nn.Module's slow setattr
+        return mode
+    module.__dict__["_rerun"] = True
+    if len(module._modes) > 1:
+        raise ConfigError(
+            f"{module.path}: gradient checkpointing reruns this layer's forward in backward, and it ran under two "
+            "settings (lk.route / lk.disabled / lk.activate) since the last backward; call backward() before "
+            "changing them")
+    return module._modes[0] if module._modes else mode
 
 
 def _at_least_float32(fn):

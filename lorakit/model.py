@@ -11,6 +11,7 @@ from torch import nn
 
 from lorakit.errors import AdapterNotFoundError, ConfigError, MergeError
 from lorakit.layers import AdaptedLayer
+from lorakit.trained import remove_copies, routing, trained_modules, unwrap_all, use_copies
 
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
@@ -62,10 +63,6 @@ def _check_names(model: nn.Module, names: Sequence[str | None],
                                    f"it has {_names_on(layers)}")
 
 
-def _train_paths(model: nn.Module, name: str) -> list[str]:
-    return getattr(model, "_lorakit_train", {}).get(name, [])
-
-
 def activate(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapters (their outputs add up); only they are trainable."""
     names = [names] if isinstance(names, str) else list(names)
@@ -74,14 +71,11 @@ def activate(model: nn.Module, names: str | Sequence[str]) -> None:
     for path, layer in layers:
         if layer.merged and set(layer.merged) != {n for n in names if n in layer.adapters}:
             raise MergeError(f"{path} has {layer.merged} merged; lk.unmerge(model) before switching adapters")
+    use_copies(model, names)  # first: it refuses two active owners of one train= module
     for _, layer in layers:
         layer.active = [n for n in names if n in layer.adapters]
         for adapter_name, adapter in layer.adapters.items():
             adapter.requires_grad_(adapter_name in layer.active)
-    trained = {p for n in getattr(model, "_lorakit_train", {}) for p in _train_paths(model, n)}
-    active_trained = {p for n in names for p in _train_paths(model, n)}
-    for path in trained:
-        model.get_submodule(path).requires_grad_(path in active_trained)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -95,7 +89,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes exactly its base function (merged or not)."""
-    layers = [layer for _, layer in adapted_layers(model)]
+    layers = [layer for _, layer in adapted_layers(model)] + [module for _, module in trained_modules(model)]
     before = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
@@ -121,7 +115,8 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     before = [layer.route for layer in layers]  # an enclosing block's routing comes back on exit
     _set_route(layers, [names] * len(layers))
     try:
-        yield model
+        with routing(model, names):  # the train= modules: each row through its adapter's copy
+            yield model
     finally:
         _set_route(layers, before)
 
@@ -190,14 +185,12 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def delete(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` (unmerging it first if it was merged)."""
+    """Remove adapter ``name`` (unmerging it first if it was merged) and its copies of ``train=`` modules."""
     _check_names(model, [name])
     for _, layer in adapted_layers(model):
         if name in layer.adapters:
             layer.delete(name)
-    trained = dict(getattr(model, "_lorakit_train", {}))
-    trained.pop(name, None)
-    model._lorakit_train = trained
+    remove_copies(model, name)
 
 
 def reset(model: nn.Module, name: str = "default") -> nn.Module:
@@ -255,15 +248,15 @@ def to_lora(model: nn.Module, name: str = "default") -> nn.Module:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Return the plain model with its original module classes.
 
-    ``merge=True`` folds the active adapters in first; ``merge=False`` restores the base weights.
+    ``merge=True`` folds the active adapters in first and keeps the active adapter's copy of each ``train=``
+    module in place of the original (as PEFT does); ``merge=False`` restores the base weights and modules.
     """
     (_merge if merge else unmerge)(model)
     for path, layer in adapted_layers(model):
         base = layer.unwrap()
         parent, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent), leaf, base)
-    if hasattr(model, "_lorakit_train"):
-        del model._lorakit_train
+    unwrap_all(model, keep_active=merge)
     return model
 
 

@@ -58,7 +58,7 @@ def test_trainable_parameters_are_the_adapters_plus_train_modules():
                      "model.layers.0.self_attn.q_proj.adapters.default.lora_B",
                      "model.layers.1.self_attn.q_proj.adapters.default.lora_A",
                      "model.layers.1.self_attn.q_proj.adapters.default.lora_B",
-                     "model.norm.weight", "lm_head.weight"}
+                     "model.norm.adapters.default.weight", "lm_head.adapters.default.weight"}  # the adapter's copies
     assert len(lk.trainable_parameters(model)) == 6
 
 
@@ -66,12 +66,12 @@ def test_train_modules_are_saved_and_loaded(tmp_path):
     model = lk.adapt(tiny_llama(), lk.LoRA(rank=2), ["q_proj"], train=["model.norm"])
     randomize(model)
     with torch.no_grad():
-        model.model.norm.weight.mul_(1.5)
+        model.model.norm.adapters["default"].weight.mul_(1.5)
     lk.save(model, tmp_path)
     fresh = lk.load(tiny_llama(), tmp_path)
-    assert torch.equal(fresh.model.norm.weight, model.model.norm.weight)
+    assert torch.equal(fresh.model.norm.adapters["default"].weight, model.model.norm.adapters["default"].weight)
     assert torch.equal(fresh(token_ids()).logits, model(token_ids()).logits)
-    assert fresh.model.norm.weight.requires_grad
+    assert fresh.model.norm.adapters["default"].weight.requires_grad and not fresh.model.norm.weight.requires_grad
 
 
 def test_many_adapters_activate_sum_switch_and_delete(tmp_path):
@@ -170,7 +170,7 @@ def test_lora_plus_groups_put_b_at_ratio_times_lr():
     assert slow["lr"] == 1e-4 and fast["lr"] == pytest.approx(1.6e-3) and fast["weight_decay"] == 0.01
     named = {id(p): n for n, p in model.named_parameters()}
     assert sorted(named[id(p)].rsplit(".", 1)[-1] for p in fast["params"]) == ["lora_B", "lora_B"]
-    assert sorted(named[id(p)] for p in slow["params"])[-1] == "model.norm.weight"  # train= modules: base lr
+    assert sorted(named[id(p)] for p in slow["params"])[-1] == "model.norm.adapters.default.weight"  # train=: base lr
     assert len(slow["params"]) == 3
     torch.optim.AdamW(lk.lora_plus_groups(model, lr=1e-4))
     with pytest.raises(lk.ConfigError):

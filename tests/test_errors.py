@@ -139,7 +139,7 @@ def test_a_refused_load_leaves_train_modules_untouched(tmp_path):
     saved = lk.adapt(tiny_llama(), lk.LoRA(rank=2), ["q_proj"], train=["model.norm"])
     randomize(saved)
     with torch.no_grad():
-        saved.model.norm.weight.mul_(3)
+        saved.model.norm.adapters["default"].weight.mul_(3)
     lk.save(saved, tmp_path / "adapter")
     model = lk.adapt(tiny_llama(), lk.LoRA(rank=2), ["v_proj"], name="other")
     randomize(model)
@@ -228,3 +228,62 @@ def test_nested_route_gives_the_outer_routing_back():
         with lk.route(model, ["b", "a"]):
             model(x)
         torch.testing.assert_close(model(x).logits, outer, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(targets="q_proj("), dict(targets=["q_proj"], ranks={"layers.(": 2}),
+                                    dict(targets=["q_proj"], alphas={"[v": 2.0}), dict(targets=["q_proj"], train="norm(")],
+                         ids=["targets", "ranks", "alphas", "train"])
+def test_an_invalid_regex_is_a_config_error_and_changes_nothing(kwargs):
+    model = tiny_llama()
+    with pytest.raises(lk.ConfigError, match="is not a valid regular expression"):
+        lk.adapt(model, lk.LoRA(rank=2), **kwargs)
+    assert lk.adapter_names(model) == [] and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("field, value", [("alpha_pattern", {"v_proj(": 2.0}), ("rank_pattern", {"[q": 2}),
+                                          ("target_modules", "model.*proj("), ("modules_to_save", ["norm("]),
+                                          ("rank_pattern", ["v_proj"]), ("target_modules", [3])])
+def test_a_loaded_config_with_a_bad_pattern_names_the_file(tmp_path, field, value):
+    directory = _saved(tmp_path)
+    _edit_config(directory / "adapter_config.json", **{field: value})
+    model = tiny_llama()
+    with pytest.raises(lk.AdapterFileError, match=rf"adapter_config\.json: {field}"):
+        lk.load(model, directory)
+    assert lk.adapter_names(model) == []
+
+
+def test_a_method_class_instead_of_an_instance_is_a_config_error():
+    model = tiny_llama()
+    with pytest.raises(lk.ConfigError, match=r"lk\.LoRA\(rank=8\).*call the class"):
+        lk.adapt(model, lk.LoRA, ["q_proj"])
+    with pytest.raises(lk.ConfigError, match="method must be a recipe"):
+        lk.adapt(model, "lora", ["q_proj"])
+    assert lk.adapter_names(model) == []
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: lk.LoRA(alpha=INF), "alpha must be > 0 and finite"), (lambda: lk.LoRA(alpha=NAN), "alpha"),
+    (lambda: lk.LoRA(alpha="16"), "alpha"), (lambda: lk.LoRA(dropout=NAN), "dropout"),
+    (lambda: lk.LoRA(dropout="0.1"), "dropout"), (lambda: lk.DoRA(alpha=INF), "alpha"),
+    (lambda: lk.PiSSA(alpha=INF), "alpha"), (lambda: lk.PiSSA(niter=INF), "niter"),
+    (lambda: lk.MiLoRA(alpha=NAN), "alpha"), (lambda: lk.LoRAXS(alpha=INF), "alpha"),
+    (lambda: lk.AdaLoRA(total_steps=10, alpha=INF), "alpha"), (lambda: lk.SVF(dropout=INF), "dropout"),
+    (lambda: lk.SVFT(dropout=NAN), "dropout"), (lambda: lk.SVFT(seed=1.5), "seed must be an int"),
+])
+def test_every_numeric_setting_must_be_finite(make, message):
+    with pytest.raises(lk.ConfigError, match=message):
+        make()
+
+
+def test_a_non_finite_setting_no_constructor_checks_is_refused_by_adapt_and_load(tmp_path):
+    model = tiny_llama()
+    with pytest.raises(lk.ConfigError, match="AdaLoRA: orth_reg_weight must be finite"):
+        lk.adapt(model, lk.AdaLoRA(total_steps=10, orth_reg_weight=INF), ["q_proj"])
+    assert lk.adapter_names(model) == []
+    directory = _saved(tmp_path)
+    _edit_config(directory / "adapter_config.json", lora_alpha=INF)  # JSON's Infinity
+    with pytest.raises(lk.AdapterFileError, match=r"adapter_config\.json: .*alpha must be > 0 and finite"):
+        lk.load(model, directory)

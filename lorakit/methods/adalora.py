@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import ConfigError, UnsupportedLayerError
-from lorakit.methods.base import LayerSpec, check_dropout, check_positive, register
+from lorakit.methods.base import LayerSpec, check_dropout, check_finite, check_positive, register
 from lorakit.methods.lora import load_exported
 
 
@@ -68,6 +68,7 @@ class AdaLoRA:
         if self.orth_reg_weight < 0:
             raise ConfigError(f"AdaLoRA: orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
         check_dropout("AdaLoRA", self.dropout)
+        check_finite(self)
 
     @property
     def scale(self) -> float:

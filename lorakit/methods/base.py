@@ -16,6 +16,8 @@ not by the method), "conv" is the base kernel's ``(out, in/groups, *kernel)``, "
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
@@ -78,17 +80,29 @@ def register(cls: type) -> type:
     return cls
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_positive(owner: str, **values: float | None) -> None:
-    """Raise ConfigError for any value that is not > 0 (None is allowed: 'use the default')."""
+    """Raise ConfigError for any value that is not a finite number > 0 (None is allowed: 'use the default')."""
     for key, value in values.items():
-        if value is not None and not value > 0:
-            raise ConfigError(f"{owner}: {key} must be > 0, got {value!r}")
+        if value is not None and not (_is_number(value) and 0 < value < math.inf):
+            raise ConfigError(f"{owner}: {key} must be > 0 and finite, got {value!r}")
 
 
 def check_dropout(owner: str, p: float) -> None:
-    """Raise ConfigError unless 0 <= p < 1."""
-    if not 0.0 <= p < 1.0:
+    """Raise ConfigError unless p is a number in [0, 1)."""
+    if not (_is_number(p) and 0.0 <= p < 1.0):
         raise ConfigError(f"{owner}: dropout must be in [0, 1), got {p!r}")
+
+
+def check_finite(recipe: Any) -> None:
+    """Raise ConfigError for any numeric setting of ``recipe`` (a method dataclass) that is NaN or infinite."""
+    for f in dataclasses.fields(recipe):
+        value = getattr(recipe, f.name)
+        if _is_number(value) and not math.isfinite(value):
+            raise ConfigError(f"{type(recipe).__name__}: {f.name} must be finite, got {value!r}")
 
 
 def recipe_fields(recipe: Any) -> dict[str, Any]:

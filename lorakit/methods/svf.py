@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lorakit import svd
-from lorakit.errors import ShapeMismatchError, UnsupportedLayerError
+from lorakit.errors import AdapterFileError, ShapeMismatchError, UnsupportedLayerError
 from lorakit.methods.base import LayerSpec, check_dropout, register
 from lorakit.methods.lora import load_exported
 
@@ -68,8 +68,9 @@ class SpectralAdapter(nn.Module):
         self.register_buffer("U", U.to(**factory).contiguous(), persistent=False)  # (d_out, n)
         self.register_buffer("Vh", Vh.to(**factory).contiguous(), persistent=False)  # (n, d_in)
         self.register_buffer("spectrum", S.to(**factory).clone())  # (n,)
-        self.register_buffer("rows", rows.to(spec.device))  # (k,) support of M
-        self.register_buffer("cols", cols.to(spec.device))
+        # Copies: SVF passes one index as both, and a shared tensor would take a loaded `cols` into `rows` too.
+        self.register_buffer("rows", rows.to(spec.device, copy=True))  # (k,) support of M
+        self.register_buffer("cols", cols.to(spec.device, copy=True))
         self.values = nn.Parameter(values.to(**factory).clone())  # (k,)
         self.diagonal = _is_diagonal(rows, cols, S.shape[0])  # the arguments: still readable on a meta-built layer
 
@@ -108,7 +109,8 @@ class SpectralAdapter(nn.Module):
         return {"spectrum": self.spectrum, "rows": self.rows, "cols": self.cols, "values": self.values}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Load M, after checking the saved singular values against this base weight's."""
+        """Load M, after checking the saved singular values against this base weight's and M's support
+        indices against its size (an index out of range would fail at the first forward, a negative one wrap)."""
         saved = tensors.get("spectrum")
         if saved is not None and saved.shape == self.spectrum.shape and not torch.allclose(
                 saved.float(), self.spectrum.float(), rtol=1e-4, atol=1e-6 * float(self.spectrum.max())):
@@ -120,8 +122,22 @@ class SpectralAdapter(nn.Module):
             # SVFT's support size is part of the recipe; a different one is a different adapter.
             raise ShapeMismatchError(f"{where}.values: the file has {tuple(tensors['values'].shape)}, "
                                      f"the model needs {tuple(self.values.shape)}")
+        n = self.spectrum.shape[0]
+        for key in ("rows", "cols"):
+            index = tensors.get(key)
+            if index is None:
+                continue  # load_exported names what is missing
+            if index.dtype not in _INDEX_DTYPES:
+                raise AdapterFileError(f"{where}.{key}: support indices must be integers, the file has {index.dtype}")
+            bad = index[(index < 0) | (index >= n)]
+            if bad.numel():
+                raise ShapeMismatchError(f"{where}.{key}: index {int(bad[0])} is out of range for this layer's {n} "
+                                         f"singular values (0 to {n - 1})")
         load_exported(self, tensors, where)
         self.diagonal = _is_diagonal(self.rows, self.cols, self.spectrum.shape[0])
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _is_diagonal(rows: torch.Tensor, cols: torch.Tensor, n: int) -> bool:

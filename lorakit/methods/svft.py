@@ -43,6 +43,8 @@ class SVFT:
             raise ConfigError(f"SVFT: pattern must be one of {PATTERNS}, got {self.pattern!r}")
         if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 0:
             raise ConfigError(f"SVFT: width must be an int >= 0, got {self.width!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"SVFT: seed must be an int, got {self.seed!r}")
         if self.pattern == "plain" and self.width:
             raise ConfigError("SVFT: the plain pattern is the diagonal; width needs 'banded', 'random' or 'top_k'")
         check_dropout("SVFT", self.dropout)
