@@ -11,7 +11,7 @@ from torch import nn
 
 from lorakit.errors import AdapterNotFoundError, ConfigError, MergeError
 from lorakit.layers import AdaptedLayer
-from lorakit.trained import remove_copies, routing, trained_modules, unwrap_all, use_copies
+from lorakit.trained import TrainedModule, remove_copies, trained_modules, unwrap_all, use_copies
 
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
@@ -22,21 +22,21 @@ def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
     of a 30-layer Llama with 16 adapters), which made every ``lk.route`` block cost milliseconds.
     """
     found: list[tuple[str, AdaptedLayer]] = []
-    _find_layers(model, "", set(), found)
+    _find_layers(model, "", set(), found, AdaptedLayer)
     return found
 
 
-def _find_layers(module: nn.Module, path: str, seen: set[int], found: list) -> None:
-    """Append (path, layer) for each adapted layer at or under ``module`` (at ``path``) to ``found``."""
+def _find_layers(module: nn.Module, path: str, seen: set[int], found: list, kinds) -> None:
+    """Append (path, module) for each module of type ``kinds`` at or under ``module`` (at ``path``) to ``found``."""
     if id(module) in seen:  # a module registered twice counts once, at its first path, as in named_modules
         return
     seen.add(id(module))
-    if isinstance(module, AdaptedLayer):
+    if isinstance(module, kinds):
         found.append((path, module))
         return
     for name, child in module._modules.items():
         if child is not None:
-            _find_layers(child, f"{path}.{name}" if path else name, seen, found)
+            _find_layers(child, f"{path}.{name}" if path else name, seen, found, kinds)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -106,23 +106,26 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     names = list(names)
     if not names:
         raise ConfigError("lk.route needs one adapter name (or None) per batch row")
-    found = adapted_layers(model)  # one walk per block: each new batch opens a block
-    _check_names(model, names, found)
-    layers = [layer for _, layer in found]
-    merged = [layer.path for layer in layers if layer.merged]
+    # One walk per block (each new batch opens one), for the adapted layers and the train= modules, whose rows
+    # go through their adapter's copy.
+    found: list[tuple[str, nn.Module]] = []
+    _find_layers(model, "", set(), found, (AdaptedLayer, TrainedModule))
+    adapted = [(path, m) for path, m in found if isinstance(m, AdaptedLayer)]
+    _check_names(model, names, adapted)
+    merged = [layer.path for _, layer in adapted if layer.merged]
     if merged:
         raise MergeError(f"lk.route needs unmerged adapters; {merged[0]} is merged (lk.unmerge(model) first)")
+    layers = [m for _, m in found]
     before = [layer.route for layer in layers]  # an enclosing block's routing comes back on exit
     _set_route(layers, [names] * len(layers))
     try:
-        with routing(model, names):  # the train= modules: each row through its adapter's copy
-            yield model
+        yield model
     finally:
         _set_route(layers, before)
 
 
-def _set_route(layers: list[AdaptedLayer], routes: list[list[str | None] | None]) -> None:
-    """Give each layer its per-row adapter names (None: no routing) and drop its per-block plan."""
+def _set_route(layers: list[nn.Module], routes: list[list[str | None] | None]) -> None:
+    """Give each layer (adapted or train=) its per-row adapter names (None: no routing) and drop its per-block plan."""
     for layer, names in zip(layers, routes):
         # Plain attributes, set past nn.Module.__setattr__: its parameter/buffer/submodule checks
         # cost a millisecond per block over 210 layers, more than the rest of lk.route.

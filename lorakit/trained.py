@@ -17,9 +17,8 @@ adapters do. Plain attributes of the original (``in_features``, ``eps``...) are 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -198,17 +197,3 @@ def unwrap_all(model: nn.Module, keep_active: bool) -> None:
     """Put a plain module back at every trained path: the active adapter's copy (``keep_active``), else the original."""
     for path, module in trained_modules(model):
         _set_module(model, path, module.module_for(module.active[0] if keep_active and module.active else None))
-
-
-@contextlib.contextmanager
-def routing(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
-    """Inside the block, row i of a batch goes through adapter ``names[i]``'s copy of each trained module."""
-    modules = [module for _, module in trained_modules(model)]
-    before = [module.route for module in modules]  # an enclosing block's routing comes back on exit
-    for module in modules:
-        module.route = list(names)
-    try:
-        yield
-    finally:
-        for module, route in zip(modules, before):
-            module.route = route
