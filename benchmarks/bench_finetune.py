@@ -30,7 +30,8 @@ def run_lorakit(steps: int, out: str) -> dict:
     from lorakit.train.trainer import finetune
 
     start = time.time()
-    s = finetune(FinetuneConfig(steps=steps, out=out, skip_eval_before=True, val_every=0, save_every=0),
+    # The CPU, as the PEFT side's use_cpu=True: this benchmark compares the two on the same device.
+    s = finetune(FinetuneConfig(steps=steps, out=out, skip_eval_before=True, val_every=0, save_every=0, device="cpu"),
                  log=lambda m: None)
     return {"wall_s": time.time() - start, "train_s": s["train_seconds"], "eval_s": s["eval_seconds"],
             "tokens_per_s": s["tokens_per_s"], "accuracy": s["accuracy_after"]}

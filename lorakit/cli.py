@@ -7,7 +7,6 @@ default and help. ``--config file.yaml`` sets any of them; flags given on the co
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from typing import Callable
 
@@ -61,24 +60,26 @@ def cmd_finetune(config: cfg.FinetuneConfig) -> int:
 
 
 def _model_with_adapter(config):
+    """(model on --device in eval mode, tokenizer, prompt format) with --adapter loaded if given; the prompt
+    format is the one the adapter was trained on, None where unknown (no adapter, or one trained elsewhere)."""
     import lorakit as lk
-    from lorakit.train import models
+    from lorakit.train import data, models
 
-    model, tokenizer = models.load(config.model, log=lambda m: print(m, file=sys.stderr))
-    if config.adapter:
-        from lorakit.train.trainer import merge_for_inference
-
-        merge_for_inference(lk.load(model, config.adapter))  # inference only: the base's speed
-    return model.eval(), tokenizer
+    model, tokenizer = models.load(config.model, log=lambda m: print(m, file=sys.stderr),
+                                   device=models.resolve_device(config.device))
+    if not config.adapter:
+        return model, tokenizer, None
+    lk.load(model, config.adapter)
+    return model.eval(), tokenizer, data.read_prompt_format(config.adapter)
 
 
 def cmd_eval(config: cfg.EvalConfig) -> int:
-    from lorakit.train.trainer import accuracy, datasets
+    from lorakit.train.trainer import accuracy, evaluation_pairs, merge_for_inference, split_records
 
-    model, tokenizer = _model_with_adapter(config)
-    probe = cfg.FinetuneConfig(**{f.name: getattr(config, f.name) for f in cfg.fields(cfg.EvalConfig)
-                                  if f.name in {g.name for g in cfg.fields(cfg.FinetuneConfig)}})
-    _, evaluation, _ = datasets(probe, tokenizer)
+    model, tokenizer, prompt_format = _model_with_adapter(config)
+    merge_for_inference(model)  # inference only: the base's speed
+    _, held_out = split_records(config, train_examples=0)  # the held-out split does not depend on it
+    evaluation = evaluation_pairs(held_out, prompt_format, config.eval_examples)
     score, _ = accuracy(model, tokenizer, evaluation, config)
     task = config.data or config.task
     print(f"accuracy: {score:.1f}% (task {task}, {len(evaluation)} eval examples)")
@@ -86,17 +87,26 @@ def cmd_eval(config: cfg.EvalConfig) -> int:
 
 
 def cmd_generate(config: cfg.ChatConfig) -> int:
-    from lorakit.train.trainer import generate
+    from lorakit.train.data import in_format
+    from lorakit.train.trainer import generate, merge_for_inference
 
-    model, tokenizer = _model_with_adapter(config)
+    model, tokenizer, prompt_format = _model_with_adapter(config)
+    merge_for_inference(model)
+    prompt_format = prompt_format or "chat"  # asked as the adapter was trained; unknown: a chat model
     if config.prompt:
-        print(generate(model, tokenizer, [[{"role": "user", "content": config.prompt}]], config.max_new_tokens, 1)[0])
+        print(generate(model, tokenizer, [in_format(config.prompt, prompt_format)], config.max_new_tokens, 1)[0])
         return 0
+    raw = prompt_format == "raw"
     history: list[dict] = []
-    print("chat with the model (empty line or Ctrl-D to quit)", file=sys.stderr)
+    print("chat with the model (empty line or Ctrl-D to quit)"
+          + ("; the adapter was trained on raw prompts, so each line is answered on its own" if raw else ""),
+          file=sys.stderr)
     for line in sys.stdin:
         if not line.strip():
             break
+        if raw:
+            print(generate(model, tokenizer, [line.rstrip("\n")], config.max_new_tokens, 1)[0], flush=True)
+            continue
         history.append({"role": "user", "content": line.strip()})
         answer = generate(model, tokenizer, [history], config.max_new_tokens, 1)[0]
         history.append({"role": "assistant", "content": answer})
@@ -106,10 +116,19 @@ def cmd_generate(config: cfg.ChatConfig) -> int:
 
 def cmd_merge(config: cfg.MergeConfig) -> int:
     import lorakit as lk
+    from lorakit.train import models
 
     if not config.adapter:
         raise cfg.ConfigError("lorakit merge needs --adapter DIR")
-    model, tokenizer = _model_with_adapter(config)
+    model, tokenizer, _ = _model_with_adapter(config)
+    if config.untie:
+        for name in models.untie(model):
+            print(f"--untie: {name} now holds its own copy of the base weight (the merge leaves it as it was)",
+                  file=sys.stderr)
+    elif shared := models.sharing_adapted_weights(model):
+        raise cfg.ConfigError(f"{', '.join(shared)} shares a weight the adapter changes (a tied output head), which "
+                              "merging would change too; --untie gives it its own copy first, so the merged model "
+                              "computes what the adapted one does")
     lk.unload(model, merge=True)
     model.save_pretrained(config.out)
     tokenizer.save_pretrained(config.out)
@@ -120,9 +139,13 @@ def cmd_merge(config: cfg.MergeConfig) -> int:
 def cmd_params(config: cfg.ParamsConfig) -> int:
     from lorakit.analysis import parse_shape, trainable_count, training_memory_bytes
 
+    config.check()
     total_trainable = total_full = 0
     for text in config.shape.split(","):
         d_out, d_in = parse_shape(text.strip())
+        if config.method not in ("svf", "svft") and config.rank > min(d_out, d_in):
+            raise cfg.ConfigError(f"--rank {config.rank} is more than min(d_out, d_in) = {min(d_out, d_in)} of "
+                                  f"{d_out}x{d_in}: an update of that shape has rank at most {min(d_out, d_in)}")
         trainable = trainable_count(config.method, d_out, d_in, config.rank) * config.count
         full = d_out * d_in * config.count
         total_trainable, total_full = total_trainable + trainable, total_full + full

@@ -27,7 +27,11 @@ CHAT = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['conten
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny Llama with a character-level tokenizer and a chat template, saved as a model directory."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def save_tiny_model(path: Path) -> Path:
+    """A tiny Llama with a character-level tokenizer and a chat template, saved as a model directory at ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -43,7 +47,6 @@ def tiny_dir(tmp_path_factory) -> Path:
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=512, eos_token_id=2, pad_token_id=2,
                                          bos_token_id=1))
-    path = tmp_path_factory.mktemp("tiny-model")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -63,8 +66,11 @@ def _losses(run: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def straight(tiny_dir, tmp_path_factory) -> Path:
-    """An uninterrupted 8-step run, the reference of the resume tests."""
-    run = tmp_path_factory.mktemp("straight") / "run"
+    return run_straight(tiny_dir, tmp_path_factory.mktemp("straight") / "run")
+
+
+def run_straight(tiny_dir: Path, run: Path) -> Path:
+    """An uninterrupted 8-step run into ``run``, the reference of the resume tests."""
     finetune(_config(tiny_dir, run, steps=8, save_every=0), log=lambda m: None)
     return run
 
@@ -126,7 +132,7 @@ def test_a_validation_split_is_carved_off_the_data(tiny_dir, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(20)))
     settings = dict(data=str(path), val_fraction=0.25, max_length=64)
-    train, evaluation, validation = datasets(cfg.FinetuneConfig(**settings), tokenizer)
+    train, evaluation, validation, _ = datasets(cfg.FinetuneConfig(**settings), tokenizer)
     held_out = {p for p, _ in evaluation}
     assert len(evaluation) == len(validation.examples) == 5 and len(train.examples) == 15
     trained = {tokenizer.decode([t for t, label in zip(e["input_ids"], e["labels"]) if label == data.IGNORE])

@@ -6,6 +6,7 @@ Each field's ``help`` metadata is its documentation; ``lorakit <command> --help`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ METHOD_NAMES = ("lora", "rslora", "dora", "pissa", "milora", "lora_xs", "svf", "
 @dataclass
 class ModelConfig:
     model: str = option("", "local Hugging Face model directory; empty = the embedded SmolLM2-135M-Instruct")
+    device: str = option("auto", "where the model runs: auto (CUDA when available, else the CPU), cpu, cuda, "
+                         "cuda:N or mps; under torchrun each process takes cuda:LOCAL_RANK")
 
 
 @dataclass
@@ -32,10 +35,14 @@ class DataConfig:
     data: str = option("", "training data: JSONL (prompt/completion, messages or text) or CSV with those columns")
     eval_data: str = option("", "held-out data for exact-match evaluation; default: carved off --data")
     val_fraction: float = option(0.1, "share of --data held out when --eval-data is not given")
-    train_examples: int = option(2000, "training examples generated for a built-in task")
     eval_examples: int = option(200, "held-out examples for exact-match evaluation (at least 200 is meaningful)")
-    max_length: int = option(256, "tokens per example; longer ones are cut at the end and counted")
     seed: int = option(0, "seed of data generation, shuffling, initialisation and dropout")
+
+
+@dataclass
+class TrainingDataConfig(DataConfig):
+    train_examples: int = option(2000, "training examples generated for a built-in task")
+    max_length: int = option(256, "tokens per example; longer ones are cut at the end and counted")
 
 
 @dataclass
@@ -55,11 +62,15 @@ class AdapterConfig:
 @dataclass
 class GenerateConfig:
     max_new_tokens: int = option(32, "tokens generated per answer (greedy)")
+
+
+@dataclass
+class ScoringConfig(GenerateConfig):
     eval_batch_size: int = option(32, "prompts decoded together during evaluation")
 
 
 @dataclass
-class FinetuneConfig(GenerateConfig, AdapterConfig, DataConfig, ModelConfig):
+class FinetuneConfig(ScoringConfig, AdapterConfig, TrainingDataConfig, ModelConfig):
     out: str = option("runs/finetune", "run directory: adapter, checkpoints, metrics.jsonl, loss.png, report.md")
     steps: int = option(60, "optimizer steps")
     batch_size: int = option(8, "examples per optimizer step (global, across processes)")
@@ -99,7 +110,7 @@ class FinetuneConfig(GenerateConfig, AdapterConfig, DataConfig, ModelConfig):
 
 
 @dataclass
-class EvalConfig(GenerateConfig, DataConfig, ModelConfig):
+class EvalConfig(ScoringConfig, DataConfig, ModelConfig):
     adapter: str = option("", "adapter directory to evaluate (empty = the base model)")
 
 
@@ -113,6 +124,8 @@ class ChatConfig(GenerateConfig, ModelConfig):
 class MergeConfig(ModelConfig):
     adapter: str = option("", "adapter directory to merge into the model (required)")
     out: str = option("runs/merged", "where the merged Hugging Face model directory is written")
+    untie: bool = option(False, "give the modules that share an adapted weight (a tied output head) their own copy "
+                         "first, so the merge changes the adapted module only (merging a shared weight is refused)")
 
 
 @dataclass
@@ -122,18 +135,65 @@ class ParamsConfig:
     method: str = option("lora", "method", METHOD_NAMES)
     count: int = option(1, "how many matrices of that shape")
 
+    def check(self) -> None:
+        """Raise ConfigError for values that count nothing."""
+        for key in ("rank", "count"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"--{key} must be > 0, got {getattr(self, key)}")
+
 
 def fields(config_cls) -> list[dataclasses.Field]:
     return list(dataclasses.fields(config_cls))
 
 
 def from_dict(config_cls, values: dict, where: str):
-    """A config from a dict (YAML), rejecting unknown keys with the known ones listed."""
-    known = {f.name for f in fields(config_cls)}
-    unknown = sorted(set(values) - known)
+    """A config from a dict (YAML), each value coerced to its field's type and checked against the field's
+    choices; an unknown key, or a value that is not of its kind, is a ConfigError naming it and ``where``."""
+    known = {f.name: f for f in fields(config_cls)}
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
-    return config_cls(**values)
+    return config_cls(**{key: _coerced(known[key], value, where) for key, value in values.items()})
+
+
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def _coerced(f: dataclasses.Field, value, where: str):
+    """``value`` as field ``f``'s type: PyYAML reads ``1e-3`` as a string (its floats need a dot)."""
+    kind = type(f.default)
+    try:
+        out = _as(kind, value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {f.name}: expected {_KINDS[kind]}, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and out not in choices:
+        raise ConfigError(f"{where}: {f.name}: {out!r} is not one of {', '.join(map(repr, choices))}")
+    return out
+
+
+def _as(kind: type, value):
+    """``value`` as a ``kind`` (bool, int, float or str); TypeError or ValueError when it is not one."""
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in _BOOLS:
+            return _BOOLS[value.lower()]
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):  # True is an int to Python
+        raise TypeError
+    if kind is str:
+        return str(value)  # a bare 2024 or 1.5 in YAML is a number; the setting means its text
+    if kind is float:
+        return float(value)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    number = float(value)  # "1e3", 2.0
+    if not number.is_integer():
+        raise ValueError
+    return int(number)
 
 
 def load_yaml(path: str | Path) -> dict:

