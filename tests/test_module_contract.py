@@ -98,6 +98,8 @@ def test_to_device_moves_everything_and_drops_caches(case):
 
 def _round_trips(model):
     buffer = io.BytesIO()
+    # weights_only=False on purpose: the contract is torch.save/torch.load of a whole model, and this
+    # buffer is the model this test just saved, never a file from elsewhere (lorakit's loaders never unpickle).
     torch.save(model, buffer)
     buffer.seek(0)
     return {"deepcopy": copy.deepcopy(model), "pickle": pickle.loads(pickle.dumps(model)),
