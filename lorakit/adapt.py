@@ -18,8 +18,11 @@ from typing import Iterable, Iterator, Mapping, Sequence
 from torch import nn
 
 from lorakit.errors import AdapterExistsError, ConfigError, MergeError, TargetNotFoundError, UnsupportedLayerError
-from lorakit.layers import AdaptedLayer, layer_kind, spec_of
-from lorakit.methods.base import check_finite
+from lorakit.kinds import layer_kind
+from lorakit.layers import AdaptedLayer, adapted_layers, spec_of
+from lorakit.methods.base import Method, check_finite
+from lorakit.methods.lora import LoRA
+from lorakit.model import activate, adapter_names
 from lorakit.trained import TrainedModule, add_copy, check_placement, fresh_copy
 
 Targets = str | Sequence[str]
@@ -143,9 +146,7 @@ def adapt(model: nn.Module, method, targets: Targets = "all-linear", *, name: st
     The new adapter becomes the only active one. ``train`` names other modules (norms, heads) of which
     the adapter trains and saves a copy of its own; the originals stay frozen. Returns ``model``.
     """
-    from lorakit.model import adapter_names
-
-    if isinstance(method, type) or not dataclasses.is_dataclass(method) or not callable(getattr(method, "build", None)):
+    if not isinstance(method, Method) or not dataclasses.is_dataclass(method):
         raise ConfigError(f"method must be a recipe such as lk.LoRA(rank=8), got {method!r}"
                           + (": call the class to make one" if isinstance(method, type) else ""))
     check_finite(method)
@@ -167,8 +168,6 @@ def attach(model: nn.Module, name: str, built: Mapping[str, tuple], trained: Map
            ) -> None:
     """Wrap the modules in ``built`` ({path: (recipe, adapter)}), give ``name`` its ``trained`` copies
     ({path: copy of that ``train=`` module}) and make ``name`` the active adapter."""
-    from lorakit.model import activate, adapted_layers
-
     merged = next((path for path, layer in adapted_layers(model) if layer.merged), None)
     if merged is not None:
         raise MergeError(f"{merged} has merged adapters; lk.unmerge(model) before adding adapter {name!r}")
@@ -190,8 +189,6 @@ def attach(model: nn.Module, name: str, built: Mapping[str, tuple], trained: Map
 def enable_lora(model: nn.Module, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
                 name: str = "default") -> nn.Module:
     """Keras-style one-liner: LoRA on every linear projection inside attention blocks."""
-    from lorakit.methods.lora import LoRA
-
     attention = [p for p, m in walk(model) if is_linear(m)
                  and any("attn" in part.lower() or "attention" in part.lower() for part in p.split(".")[:-1])]
     if not attention:

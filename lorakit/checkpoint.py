@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import pickle
@@ -30,15 +31,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lorakit import registry
 from lorakit.adapt import attach, check_regex, kind_of, matches, walk
 from lorakit.errors import (AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, LorakitError,
                             ShapeMismatchError)
-from lorakit.layers import spec_of
-from lorakit.methods.base import METHODS, check_finite, recipe_fields
-from lorakit.methods.adalora import AdaLoRA
-from lorakit.methods.dora import DoRA
-from lorakit.methods.lora import LoRA
-from lorakit.model import adapted_layers, adapter_names
+from lorakit.layers import adapted_layers, spec_of
+from lorakit.methods.base import check_finite, recipe_fields
+from lorakit.model import adapter_names
 from lorakit.trained import fresh_copy, trained_modules
 
 CONFIG_NAME = "adapter_config.json"
@@ -137,11 +136,9 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
-        return version("lorakit")
-    except PackageNotFoundError:
+        return importlib.metadata.version("lorakit")
+    except importlib.metadata.PackageNotFoundError:
         return "0+unknown"
 
 
@@ -170,10 +167,11 @@ def _patterns(recipes: dict[str, object], key: str, default) -> dict[str, object
 
 def _as_peft(recipe, adapter, path: str):
     """(recipe, adapter) in a form PEFT reads: as is, or converted to the equivalent plain LoRA."""
-    if hasattr(recipe, "peft_config"):
+    if recipe.peft_config() is not None:
         return recipe, adapter
-    if hasattr(adapter, "to_lora"):
-        return adapter.to_lora()
+    plain = adapter.to_lora()
+    if plain is not None:
+        return plain
     raise ConfigError(f"{path}: {type(recipe).__name__} has no PEFT equivalent; save it with format='lorakit'")
 
 
@@ -201,7 +199,7 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     tensors = {}
     for path, (_, adapter) in entries.items():
         # Adapters that prune themselves (AdaLoRA) write only what they keep, as PEFT does.
-        for suffix, tensor in (adapter.pruned() if hasattr(adapter, "pruned") else adapter.export()).items():
+        for suffix, tensor in adapter.saved().items():
             tensors[f"{PREFIX}{path}.{suffix}"] = tensor
     # The adapter's own copies, under the module's keys (PEFT's modules_to_save: no "modules_to_save.<name>").
     trained = {path: module.adapters[name] for path, module in trained_modules(model) if name in module.adapters}
@@ -217,9 +215,10 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
         "target_modules": _target_modules(model, [p for p, _ in layers]),
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
     }
-    if hasattr(default, "peft_config"):
-        config.update(default.peft_config())
-        if hasattr(default, "rank"):
+    peft = default.peft_config()
+    if peft is not None:
+        config.update(peft)
+        if _has_rank(default):
             config["rank_pattern"] = _patterns(recipes, "rank", default.rank)
             config["alpha_pattern"] = _patterns(recipes, "alpha", default.alpha)
         else:  # AdaLoRA: PEFT's rank_pattern lists which of the init_rank triplets each matrix keeps
@@ -228,7 +227,11 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
                 f"{path}.lora_E": adapter.rank_mask.tolist() + [False] * (recipe.init_rank - adapter.rank)
                 for path, (recipe, adapter) in entries.items()}
     else:
-        config.update({"peft_type": None, "lorakit_version": _version(), "lorakit_method": default.name, "lorakit_recipe": recipe_fields(default),
+        config.update({"peft_type": None, "lorakit_version": _version(), "lorakit_method": default.name,
+                       "lorakit_recipe": recipe_fields(default),
+                       # Where the recipe is defined: what a process must import (lk.register) to load a method
+                       # from outside lorakit. Named only, never imported from a file's say-so.
+                       "lorakit_recipe_class": f"{type(default).__module__}:{type(default).__qualname__}",
                        "lorakit_overrides": {p: recipe_fields(r) for p, r in recipes.items() if r != default}})
 
     with _naming(out):
@@ -268,23 +271,27 @@ def read(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise AdapterFileError(f"{legacy}: truncated or corrupt ({e})") from None
 
 
+def _has_rank(recipe) -> bool:
+    """Whether ``recipe`` has the ``rank`` and ``alpha`` settings PEFT's rank_pattern / alpha_pattern vary."""
+    return {"rank", "alpha"} <= {f.name for f in dataclasses.fields(recipe)}
+
+
 def _recipe(config: dict, where: Path):
     """The default recipe a config describes."""
     if "lorakit_method" in config:
-        cls = METHODS.get(config["lorakit_method"])
-        if cls is None:
-            raise AdapterFileError(f"{where}: unknown lorakit_method {config['lorakit_method']!r}")
+        try:
+            cls = registry.entry(config["lorakit_method"]).recipe
+        except ConfigError as e:
+            defined = config.get("lorakit_recipe_class")
+            raise AdapterFileError(f"{where}: {e}" + (f"; the file was saved from {defined}" if defined else "")) from None
         return cls(**config["lorakit_recipe"])
-    if config.get("peft_type") == "ADALORA":
-        return AdaLoRA.from_peft(config)
-    if config.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{where}: peft_type {config.get('peft_type')!r} is not supported (LORA and "
-                               "ADALORA are)")
     if config.get("lora_bias"):
         raise AdapterFileError(f"{where}: lora_bias adapters are not supported")
-    return (DoRA if config.get("use_dora") else LoRA)(
-        rank=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout") or 0.0),
-        rslora=bool(config.get("use_rslora")))
+    recipe = registry.from_peft(config)
+    if recipe is None:
+        raise AdapterFileError(f"{where}: peft_type {config.get('peft_type')!r} is not supported: no registered "
+                               "method reads it (lorakit's read PEFT's LORA, with or without DoRA, and ADALORA)")
+    return recipe
 
 
 def _check_patterns(config: dict, where: Path) -> None:
@@ -323,8 +330,8 @@ def _module_recipe(config: dict, default, path: str, tensors: dict[str, torch.Te
     if "lorakit_method" in config:
         fields = config.get("lorakit_overrides", {}).get(path)
         return type(default)(**fields) if fields else default
-    if not hasattr(default, "rank"):
-        return default  # AdaLoRA: a pruned matrix sizes itself from its tensors
+    if not _has_rank(default):
+        return default  # AdaLoRA's init_rank: a pruned matrix sizes itself from its tensors
     rank = _peft_pattern(config.get("rank_pattern"), path)
     rank = default.rank if rank is None else int(rank)
     A = tensors.get("lora_A.weight", tensors.get("lora_embedding_A"))

@@ -26,9 +26,9 @@ from torch import nn
 
 from lorakit.adapt import attach
 from lorakit.errors import AdapterExistsError, ConfigError
-from lorakit.layers import AdaptedLayer
+from lorakit.layers import AdaptedLayer, adapted_layers
 from lorakit.methods.lora import LoRA
-from lorakit.model import _check_names, adapted_layers, adapter_names
+from lorakit.model import _check_names, adapter_names
 
 HOWS = ("linear", "svd", "ties", "interpolate")
 
@@ -60,20 +60,14 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
 def _linear(layer: AdaptedLayer, weights: Mapping[str, float], rank, density):
     As, Bs = [], []
     for n, w in weights.items():
-        factors = layer.adapters[n].factors() if hasattr(layer.adapters[n], "factors") else None
+        factors = layer.adapters[n].factors()
         if factors is None or layer.kind.kind == "conv":
             raise ConfigError(f"{layer.path}: adapter {n!r} ({type(layer.recipes[n]).__name__}) has no low-rank "
                               "factors to concatenate; use how='svd'")
         A, B, s = factors
         As.append(A.detach())
         Bs.append(B.detach() * (w * s))
-    A, B = torch.cat(As), torch.cat(Bs, dim=1)
-    recipe = LoRA(rank=A.shape[0], alpha=float(A.shape[0]))  # scale 1: the weights and scales sit in B
-    adapter = recipe.build(layer.spec(), init=False)
-    with torch.no_grad():
-        adapter.lora_A.copy_(A)
-        adapter.lora_B.copy_(B)
-    return recipe, adapter
+    return LoRA.from_factors(layer.spec(), torch.cat(As), torch.cat(Bs, dim=1))  # scale 1: weights, scales in B
 
 
 def _weighted_deltas(layer: AdaptedLayer, weights: Mapping[str, float]) -> list[torch.Tensor]:
@@ -103,12 +97,12 @@ def _ties(layer: AdaptedLayer, weights: Mapping[str, float], rank, density):
 
 def _interpolate(layer: AdaptedLayer, weights: Mapping[str, float], rank, density):
     names = list(weights)
-    first = layer.adapters[names[0]]
+    first = layer.adapters[names[0]].support()
     recipe = layer.recipes[names[0]]
     for n in names:
-        adapter = layer.adapters[n]
-        if not hasattr(adapter, "values") or layer.recipes[n] != recipe or not (
-                torch.equal(adapter.rows, first.rows) and torch.equal(adapter.cols, first.cols)):
+        support = layer.adapters[n].support()
+        if first is None or support is None or layer.recipes[n] != recipe or not (
+                torch.equal(support[0], first[0]) and torch.equal(support[1], first[1])):
             raise ConfigError(f"{layer.path}: how='interpolate' mixes SVF/SVFT adapters of one recipe and support; "
                               f"{n!r} is {type(layer.recipes[n]).__name__}")
     adapter = recipe.build(layer.spec())
@@ -124,11 +118,5 @@ def lora_from_delta(layer: AdaptedLayer, delta: torch.Tensor, rank: int):
     rank = min(rank, *matrix.shape)
     U, S, Vh = torch.linalg.svd(matrix.float(), full_matrices=False)
     root = S[:rank].sqrt()
-    B, A = U[:, :rank] * root, root[:, None] * Vh[:rank]
-    recipe = LoRA(rank=rank, alpha=float(rank))
-    adapter = recipe.build(layer.spec(), init=False)
-    with torch.no_grad():
-        adapter.lora_A.copy_(A.view(adapter.lora_A.shape))
-        adapter.lora_B.copy_(B.view(adapter.lora_B.shape))
-    return recipe, adapter
+    return LoRA.from_factors(layer.spec(), root[:, None] * Vh[:rank], U[:, :rank] * root)
 

@@ -11,153 +11,43 @@ parameters and outside the module tree, for its forward geometry and to hand bac
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.errors import AdapterExistsError, ConfigError, MergeError
+from lorakit import routing
+from lorakit.errors import ConfigError, AdapterExistsError, MergeError
+from lorakit.kinds import LINEAR, LayerKind, canonical, layer_kind
 from lorakit.methods.base import LayerSpec, adapter_dtype
 
 
-@dataclass(frozen=True)
-class LayerKind:
-    """How one base layer type is adapted: its canonical layout, forward and geometry."""
-
-    kind: str  # canonical layout the methods see: "linear" | "conv" | "embedding"
-    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-    sizes: Callable[[nn.Module], tuple[int, int]]  # (d_in, d_out)
-    # Plain attributes model code reads off these layers (e.g. embed_tokens.padding_idx).
-    attributes: tuple[str, ...] = ()
-    transposed: bool = False  # weight stored (d_in, d_out), as GPT-2's Conv1D
-    # Quantized bases (lorakit/quant.py): (base, weight) -> the float weight, (d_out, d_in).
-    dequantize: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
-    # (base, weight) -> {key: tensor} a quantized base saves beside its weight (its scales).
-    extra_state: Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]] | None = None
-    # Names the kind: a pickled model refers to it by this name, so ``kind is LINEAR`` survives a reload.
-    label: str | None = None
-
-    def __post_init__(self):
-        if self.label is not None:
-            _KINDS_BY_LABEL[self.label] = self
-
-    def __reduce__(self):
-        return (kind_named, (self.label,)) if self.label is not None else super().__reduce__()
-
-
-_KINDS_BY_LABEL: dict[str, LayerKind] = {}
-
-
-def kind_named(label: str) -> LayerKind:
-    """The LayerKind registered under ``label`` (quantized kinds register when lorakit.quant loads)."""
-    if label not in _KINDS_BY_LABEL:
-        import lorakit.quant  # noqa: F401  (it registers the quantized kinds)
-    return _KINDS_BY_LABEL[label]
-
-
-def _linear_forward(base, x, weight, bias):
-    return F.linear(x, weight, bias)
-
-
-def _conv_forward(base, x, weight, bias):
-    return base._conv_forward(x, weight, bias)
-
-
-def linear_sizes(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a linear layer."""
-    return module.in_features, module.out_features
-
-
-def _conv1d_gpt2_forward(base, x, weight, bias):
-    out = x.reshape(-1, x.shape[-1])
-    out = torch.addmm(bias, out, weight) if bias is not None else out @ weight
-    return out.view(*x.shape[:-1], weight.shape[1])
-
-
-def _embedding_forward(base, x, weight, bias):
-    return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
-                       base.scale_grad_by_freq, base.sparse)
-
-
-def _gpt2_sizes(m):
-    return m.nx, m.nf
-
-
-def _conv_sizes(m):
-    return m.in_channels, m.out_channels
-
-
-def _embedding_sizes(m):
-    return m.num_embeddings, m.embedding_dim
-
-
-LINEAR = LayerKind("linear", _linear_forward, linear_sizes, ("in_features", "out_features"), label="linear")
-GPT2_CONV1D = LayerKind("linear", _conv1d_gpt2_forward, _gpt2_sizes, ("nf", "nx"), transposed=True,
-                        label="gpt2_conv1d")
-CONV = LayerKind("conv", _conv_forward, _conv_sizes,
-                 ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                  "padding_mode"), label="conv")
-EMBEDDING = LayerKind("embedding", _embedding_forward, _embedding_sizes,
-                      ("num_embeddings", "embedding_dim", "padding_idx", "max_norm"), label="embedding")
-
-# Type → kind (minLoRA's table). Subclasses match through isinstance, in this order.
-LAYER_KINDS: list[tuple[type, LayerKind]] = [
-    (nn.Linear, LINEAR), (nn.Embedding, EMBEDDING), (nn.Conv1d, CONV), (nn.Conv2d, CONV), (nn.Conv3d, CONV),
-]
-# nn.MultiheadAttention reads out_proj.weight directly and never calls out_proj's forward, so an
-# adapter there would be silently ignored.
-_REFUSED = ("NonDynamicallyQuantizableLinear",)
-
-
-def layer_kind(module: nn.Module) -> LayerKind | None:
-    """The LayerKind for a module, or None if no method can adapt it."""
-    if type(module).__name__ in _REFUSED:
-        return None
-    # bitsandbytes layers subclass nn.Linear: told apart by their weight's type, whoever built them.
-    if type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params"):
-        from lorakit.quant import KINDS  # lazily: bitsandbytes is an optional extra
-
-        return KINDS[type(module.weight).__name__]
-    for cls, kind in LAYER_KINDS:
-        if isinstance(module, cls):
-            return kind
-    # transformers' GPT-2 Conv1D, recognised by shape of its API so core never imports transformers.
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
-        return GPT2_CONV1D
-    return None
-
-
-_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def _conv_ungrouped(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Convolution of ``x`` by ``weight`` with the base layer's geometry (padding mode, stride, dilation), groups=1."""
-    conv = _CONVS[len(base.kernel_size)]
-    if base.padding_mode != "zeros":
-        x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
-        return conv(x, weight, None, base.stride, 0, base.dilation)
-    return conv(x, weight, None, base.stride, base.padding, base.dilation)
-
-
-def _canonical(kind: LayerKind, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    w = (kind.dequantize(base, weight) if kind.dequantize else weight.detach()).float()
-    return w.t() if kind.transposed else w
-
-
-def _make_spec(base: nn.Module, kind: LayerKind, weight: torch.Tensor, base_weight) -> LayerSpec:
+def _make_spec(base: nn.Module, kind: LayerKind, weight: torch.Tensor, holder) -> LayerSpec:
     d_in, d_out = kind.sizes(base)
     extra = {}
     if kind.kind == "conv":
         extra = dict(kernel_size=tuple(base.kernel_size), stride=tuple(base.stride), padding=base.padding,
-                     dilation=tuple(base.dilation), groups=base.groups, conv=functools.partial(_conv_ungrouped, base))
+                     dilation=tuple(base.dilation), groups=base.groups, padding_mode=base.padding_mode,
+                     reversed_padding=tuple(base._reversed_padding_repeated_twice))
     elif kind.kind == "embedding":
         extra = dict(padding_idx=base.padding_idx)
     dtype = torch.float32 if kind.dequantize else adapter_dtype(weight.dtype)  # adapters on a quantized base
     return LayerSpec(kind=kind.kind, d_in=d_in, d_out=d_out, device=weight.device,
-                     dtype=dtype, weight=base_weight, source=weight, **extra)
+                     dtype=dtype, base=holder, source=weight, **extra)
+
+
+@dataclass(frozen=True)
+class PlainBase:
+    """The weight of a layer not yet wrapped, for the spec its first adapter is built from."""
+
+    kind: LayerKind
+    module: nn.Module
+    weight: torch.Tensor
+
+    def base_weight(self) -> torch.Tensor:
+        """The weight in canonical layout, float32, detached."""
+        return canonical(self.kind, self.module, self.weight)
 
 
 def spec_of(module: nn.Module) -> LayerSpec:
@@ -165,8 +55,32 @@ def spec_of(module: nn.Module) -> LayerSpec:
     if isinstance(module, AdaptedLayer):
         return module.spec()
     kind, weight = layer_kind(module), module.weight
-    # A partial, not a lambda: adapters keep their spec, and a model holding them must pickle.
-    return _make_spec(module, kind, weight, functools.partial(_canonical, kind, module, weight))
+    return _make_spec(module, kind, weight, PlainBase(kind, module, weight))
+
+
+def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
+    """(path, layer) for every adapted layer of the model, in ``named_modules()`` order.
+
+    Walked afresh on every call, so it is never stale, but without descending into adapted layers:
+    nothing inside one is adapted, and their adapters are most of the tree (90% of the 4,000 modules
+    of a 30-layer Llama with 16 adapters), which made every ``lk.route`` block cost milliseconds.
+    """
+    found: list[tuple[str, AdaptedLayer]] = []
+    find_layers(model, "", set(), found, AdaptedLayer)
+    return found
+
+
+def find_layers(module: nn.Module, path: str, seen: set[int], found: list, kinds) -> None:
+    """Append (path, module) for each module of type ``kinds`` at or under ``module`` (at ``path``) to ``found``."""
+    if id(module) in seen:  # a module registered twice counts once, at its first path, as in named_modules
+        return
+    seen.add(id(module))
+    if isinstance(module, kinds):
+        found.append((path, module))
+        return
+    for name, child in module._modules.items():
+        if child is not None:
+            find_layers(child, f"{path}.{name}" if path else name, seen, found, kinds)
 
 
 class AdaptedLayer(nn.Module):
@@ -192,14 +106,13 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.route: list[str | None] | None = None
-        self._route_cache: tuple | None = None  # (names, index, stacks) for one lk.route block, no grad
+        self.routing = routing.RoutingCache()
         # The (disabled, route, active) of the last two differing forwards since gradient checkpointing last
         # reran one: a rerun happens inside backward, maybe after the lk.route/lk.disabled block has ended.
         self._modes: list[tuple] = []
         self._rerun = False
         # Adapters built while the base weight was on the meta device: garbage until lk.reset (or a load).
         self.unready: set[str] = set()
-        self._stack_cache: tuple | None = None  # kept across lk.route blocks, see _inference_stacks
         self.register_buffer("original_weight", None, persistent=False)  # kept while merged
         # While merged on a quantized base: (its kind, its quantized weight), see merge.
         self.quantized: tuple[LayerKind, nn.Parameter] | None = None
@@ -210,11 +123,11 @@ class AdaptedLayer(nn.Module):
     # --- building -----------------------------------------------------------------------------
     def spec(self) -> LayerSpec:
         """What a method needs to build an adapter on this layer."""
-        return _make_spec(self.base, self.kind, self.weight, self.base_weight)
+        return _make_spec(self.base, self.kind, self.weight, self)
 
     def base_weight(self) -> torch.Tensor:
         """The unmerged base weight in canonical layout, float32 (detached)."""
-        weight = _canonical(*self._unmerged_base())
+        weight = canonical(*self._unmerged_base())
         return weight if self.principal_A is None else weight + self.principal_B.float() @ self.principal_A.float()
 
     def _base_forward(self, kind: LayerKind, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -235,7 +148,7 @@ class AdaptedLayer(nn.Module):
             raise AdapterExistsError(f"{self.path} already has an adapter named {name!r}")
         self.adapters[name] = adapter
         self.recipes[name] = recipe
-        self._stack_cache = None
+        self.routing.clear()
         if self.weight.is_meta:
             self.unready.add(name)
         self._bind_specs()
@@ -268,13 +181,13 @@ class AdaptedLayer(nn.Module):
             if state is not None and state.dtype.is_floating_point:
                 # A cast of the model casts what the 4-bit weight stands for: its dequantized dtype.
                 state.dtype = fn(torch.empty(0, dtype=state.dtype, device=weight.device)).dtype
-        self._stack_cache = self._route_cache = None  # they hold the tensors as they were
+        self.routing.clear()  # it holds the tensors as they were
         self._bind_specs()
         return self
 
     def __getstate__(self):
         # Caches are rebuilt on use; a copy or a pickle must not carry (or share) the old tensors.
-        return {**self.__dict__, "_stack_cache": None, "_route_cache": None}
+        return {**self.__dict__, "routing": routing.RoutingCache()}
 
     def replace_base(self, base: nn.Module, principal: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Put ``base`` (a quantized copy of the base layer, see lk.quantize) under the adapters.
@@ -290,7 +203,7 @@ class AdaptedLayer(nn.Module):
             del base.bias
         object.__setattr__(self, "base", base.train(self.training))
         self.principal_A, self.principal_B = principal or (None, None)
-        self._stack_cache = None
+        self.routing.clear()
         self._bind_specs()  # their specs must not pin the old float weight in memory
 
     def delete(self, name: str) -> None:
@@ -301,7 +214,7 @@ class AdaptedLayer(nn.Module):
         del self.adapters[name]
         del self.recipes[name]
         self.unready.discard(name)
-        self._stack_cache = None
+        self.routing.clear()
         self.active = [n for n in self.active if n != name]
 
     def train(self, mode: bool = True) -> "AdaptedLayer":
@@ -318,11 +231,11 @@ class AdaptedLayer(nn.Module):
             self._refuse_unready(route, active)
         out = self._base_forward(self.kind, x, self.weight)
         if route is not None:
-            return self._routed(x, out, route, active)
+            return routing.forward(self, x, out, route, active)
         base = out
         for name in active:
             if name not in self.merged:
-                out = self._run_adapter(self.adapters[name], x, out, base)
+                out = self.run_adapter(self.adapters[name], x, out, base)
         return out
 
     def _refuse_unready(self, route, active) -> None:
@@ -334,127 +247,13 @@ class AdaptedLayer(nn.Module):
                 "holds no values yet: materialise the model (to_empty, then load the base weights), then "
                 "lk.reset(model, name) to initialise it, or lk.load it onto the materialised model")
 
-    def _run_adapter(self, adapter: nn.Module, x: torch.Tensor, out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def run_adapter(self, adapter: nn.Module, x: torch.Tensor, out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """``adapter(x, out)``; adapters that rescale the base output (DoRA) also get ``base = W·x``, no bias."""
-        if not getattr(adapter, "needs_base", False):
+        if not adapter.needs_base:
             return adapter(x, out)
         if self.bias is not None:
             base = base - self.bias.view(-1, *(1,) * (base.dim() - 2)) if self.kind.kind == "conv" else base - self.bias
         return adapter(x, out, base=base)
-
-    def _routed(self, x: torch.Tensor, out: torch.Tensor, route: list, active: list[str]) -> torch.Tensor:
-        """Row i of the batch gets adapter route[i] (None or absent here = the base)."""
-        if x.shape[0] != len(route):
-            raise ConfigError(f"{self.path}: lk.route was given {len(route)} names for a batch of {x.shape[0]}")
-        if torch.is_grad_enabled():
-            # Training restacks the routed adapters every call so gradients reach the live parameters.
-            names, index, stacks = self._plan(x.device, None, route)
-            idle = [n for n in names if n not in active]
-            if idle and self.training:
-                raise ConfigError(
-                    f"{self.path}: lk.route sends rows to {idle} while training, but only {active} are active, so "
-                    f"{idle} would get no gradient (inactive adapters are frozen): lk.activate(model, "
-                    f"{sorted(set(active) | set(idle))}) before training them together")
-        else:
-            # Inference makes one plan per `with lk.route(...)` block, from stacks kept across blocks.
-            if self._route_cache is None:
-                self._route_cache = self._cached_plan(x.device)
-            names, index, stacks = self._route_cache
-        if not names:
-            return out
-        if stacks is None:
-            return self._routed_loop(x, out, names, index)
-        A, B, p = stacks
-        A_rows, B_rows = A[index], B[index]  # (b, R, d_in), (b, d_out, R)
-        b = x.shape[0]
-        if self.kind.kind == "embedding":
-            h = A.transpose(1, 2)[index.view(b, *(1,) * (x.dim() - 1)), x]  # (b, *, R): per-row lookup
-            h = h.reshape(b, -1, h.shape[-1])
-        else:
-            h = x.reshape(b, -1, x.shape[-1]).to(A.dtype)  # (b, T, d_in)
-            if self.training and bool(p.any()):
-                keep = (1 - p[index]).view(b, 1, 1)
-                h = h * (torch.rand_like(h) < keep) / keep
-            h = torch.bmm(h, A_rows.transpose(1, 2))  # (b, T, R)
-        delta = torch.bmm(h, B_rows.transpose(1, 2))  # (b, T, d_out)
-        return out + delta.view(out.shape).to(out.dtype)
-
-    def _plan(self, device: torch.device, every: tuple | None, route: list | None = None) -> tuple:
-        """(names routed on this layer, per-row slot index with 0 = the base, stacked (A, s·B, dropout p)).
-
-        The stacks are None when a routed adapter has no low-rank factors (conv LoRA, DoRA...): then the
-        slots number ``names`` for the per-adapter loop. ``every`` = (slots, stacks) of all the layer's
-        factored adapters (inference, see _inference_stacks) is used when it covers the routed names;
-        otherwise only ``names`` are stacked, afresh. ``route`` defaults to ``self.route``.
-        """
-        route = self.route if route is None else route
-        here = self.adapters._modules
-        names = sorted({n for n in route if n is not None and n in here})
-        if not names:
-            return names, None, None
-        if every is not None and every[1] is not None and all(n in every[0] for n in names):
-            slot, stacks = every
-        else:
-            adapters = [self.adapters[n] for n in names]
-            factors = [a.factors() if hasattr(a, "factors") else None for a in adapters]
-            stacks = None if any(f is None for f in factors) else _stack_factors(factors, adapters)
-            slot = {n: i + 1 for i, n in enumerate(names)}
-        return names, torch.tensor([slot.get(n, 0) for n in route], device=device), stacks
-
-    def _cached_plan(self, device: torch.device) -> tuple:
-        """The inference plan for ``self.route``, remembered (with the stacks) until a routed adapter changes."""
-        here = self.adapters._modules  # (a submodule lookup per name would cost more than the check)
-        names = [n for n in dict.fromkeys(self.route) if n is not None and n in here]
-        slots, stacks, plans = self._inference_stacks(names)
-        key = (tuple(self.route), device)
-        plan = plans.get(key)
-        if plan is None:
-            if len(plans) >= 64:
-                plans.clear()
-            plan = plans[key] = self._plan(device, (slots, stacks))
-        return plan
-
-    def _inference_stacks(self, names: list[str]) -> tuple[dict[str, int], tuple | None, dict]:
-        """(slots, stacks) of every adapter of the layer that has low-rank factors, and the plans made from them.
-
-        Stacking every adapter of every layer cost more than the routed matmuls, so without grad the
-        stacks outlive the ``lk.route`` block: a later block reuses them, whichever adapters it routes,
-        while each adapter it routes (``names``) holds the same tensor objects at the same storage and
-        version as when stacked (an in-place update, optimizer step, load or ``.to()`` changes one of
-        these); rows of adapters it does not route are never read. Adding or deleting an adapter drops them.
-        """
-        cached = getattr(self, "_stack_cache", None)  # it holds the objects alive, so their ids stay unique
-        if cached is not None:
-            here, stacked = self.adapters._modules, cached[0]
-            try:
-                if all(stacked.get(n) == _fingerprint(here[n]) for n in names):
-                    return cached[2]
-            except RuntimeError:  # inference-mode tensors keep no version
-                pass
-        adapters = list(self.adapters.items())
-        factored = [(n, a, f) for n, a in adapters for f in [a.factors() if hasattr(a, "factors") else None]
-                    if f is not None]
-        try:
-            stacks = _stack_factors([f for _, _, f in factored], [a for _, a, _ in factored]) if factored else None
-        except RuntimeError:  # adapters of different dtypes or devices: stack only the routed ones, per block
-            stacks = None
-        entry = ({n: i + 1 for i, (n, _, _) in enumerate(factored)}, stacks, {})
-        try:
-            prints = {n: _fingerprint(a) for n, a in adapters}
-        except RuntimeError:  # inference-mode tensors keep no version: nothing is cached
-            prints = None
-        refs = (adapters, [t for _, a in adapters for t in _own_tensors(a, [])])
-        self._stack_cache = None if prints is None else (prints, refs, entry)
-        return entry
-
-    def _routed_loop(self, x, out, names, index):
-        """Routing for adapters without low-rank factors (conv, other methods): one call per adapter."""
-        base = out
-        for slot, name in enumerate(names, start=1):
-            rows = (index == slot).nonzero().squeeze(1)
-            rows_out = base.index_select(0, rows)
-            out = out.index_copy(0, rows, self._run_adapter(self.adapters[name], x.index_select(0, rows), rows_out, rows_out))
-        return out
 
     # --- merging ------------------------------------------------------------------------------
     def pending(self, names: list[str] | None = None) -> list[str]:
@@ -576,35 +375,3 @@ def _at_least_float32(fn):
         return fn(t) if kept == target.dtype else t.to(device=target.device, dtype=kept)
 
     return apply
-
-
-def _fingerprint(adapter: nn.Module) -> list:
-    """What routing reads off an adapter: its identity, scale, dropout and each tensor's identity, storage, version."""
-    key = [id(adapter), getattr(adapter, "scale", None), getattr(adapter, "dropout_p", None)]
-    for t in _own_tensors(adapter, []):
-        if t is not None:
-            key += (id(t), t._version, t.data_ptr())
-    return key
-
-
-def _own_tensors(module: nn.Module, out: list) -> list:
-    """``module``'s parameters and buffers, its submodules' included (a cheap walk, no names)."""
-    out.extend(module._parameters.values())
-    out.extend(module._buffers.values())
-    for child in module._modules.values():
-        if child is not None:
-            _own_tensors(child, out)
-    return out
-
-
-def _stack_factors(factors, adapters) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack (A, s·B) of several adapters, zero-padded to one rank, behind a zero slot for the base."""
-    R = max(A.shape[0] for A, _, _ in factors)
-    A0, B0, _ = factors[0]
-    As = [A0.new_zeros(R, A0.shape[1])]
-    Bs = [B0.new_zeros(B0.shape[0], R)]
-    for A, B, s in factors:
-        As.append(F.pad(A, (0, 0, 0, R - A.shape[0])))
-        Bs.append(F.pad(B * s, (0, R - B.shape[1])))
-    p = torch.tensor([0.0] + [getattr(a, "dropout_p", 0.0) for a in adapters], device=A0.device)
-    return torch.stack(As), torch.stack(Bs), p

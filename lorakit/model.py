@@ -10,33 +10,9 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterNotFoundError, ConfigError, MergeError
-from lorakit.layers import AdaptedLayer
+from lorakit.kinds import numel, warn_merged
+from lorakit.layers import AdaptedLayer, adapted_layers, find_layers
 from lorakit.trained import TrainedModule, remove_copies, trained_modules, unwrap_all, use_copies
-
-
-def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
-    """(path, layer) for every adapted layer of the model, in ``named_modules()`` order.
-
-    Walked afresh on every call, so it is never stale, but without descending into adapted layers:
-    nothing inside one is adapted, and their adapters are most of the tree (90% of the 4,000 modules
-    of a 30-layer Llama with 16 adapters), which made every ``lk.route`` block cost milliseconds.
-    """
-    found: list[tuple[str, AdaptedLayer]] = []
-    _find_layers(model, "", set(), found, AdaptedLayer)
-    return found
-
-
-def _find_layers(module: nn.Module, path: str, seen: set[int], found: list, kinds) -> None:
-    """Append (path, module) for each module of type ``kinds`` at or under ``module`` (at ``path``) to ``found``."""
-    if id(module) in seen:  # a module registered twice counts once, at its first path, as in named_modules
-        return
-    seen.add(id(module))
-    if isinstance(module, kinds):
-        found.append((path, module))
-        return
-    for name, child in module._modules.items():
-        if child is not None:
-            _find_layers(child, f"{path}.{name}" if path else name, seen, found, kinds)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -109,7 +85,7 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     # One walk per block (each new batch opens one), for the adapted layers and the train= modules, whose rows
     # go through their adapter's copy.
     found: list[tuple[str, nn.Module]] = []
-    _find_layers(model, "", set(), found, (AdaptedLayer, TrainedModule))
+    find_layers(model, "", set(), found, (AdaptedLayer, TrainedModule))
     adapted = [(path, m) for path, m in found if isinstance(m, AdaptedLayer)]
     _check_names(model, names, adapted)
     merged = [layer.path for _, layer in adapted if layer.merged]
@@ -127,9 +103,11 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
 def _set_route(layers: list[nn.Module], routes: list[list[str | None] | None]) -> None:
     """Give each layer (adapted or train=) its per-row adapter names (None: no routing) and drop its per-block plan."""
     for layer, names in zip(layers, routes):
-        # Plain attributes, set past nn.Module.__setattr__: its parameter/buffer/submodule checks
+        # A plain attribute, set past nn.Module.__setattr__: its parameter/buffer/submodule checks
         # cost a millisecond per block over 210 layers, more than the rest of lk.route.
-        layer.__dict__.update(route=names, _route_cache=None)
+        layer.__dict__["route"] = names
+        if isinstance(layer, AdaptedLayer):
+            layer.routing.plan = None
 
 
 def merge(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
@@ -154,8 +132,6 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
         raise
     dequantized = sum(layer.quantized is not None and not before for layer, before in done)
     if dequantized:
-        from lorakit.quant import warn_merged
-
         warn_merged(dequantized)
     return model
 
@@ -219,7 +195,7 @@ def reset(model: nn.Module, name: str = "default") -> nn.Module:
             layer.adapters[name] = fresh
             layer._bind_specs()
         layer.unready.discard(name)
-        layer._stack_cache = None
+        layer.routing.clear()
     return model
 
 
@@ -235,16 +211,19 @@ def to_lora(model: nn.Module, name: str = "default") -> nn.Module:
     """
     _check_names(model, [name])
     layers = [layer for _, layer in adapted_layers(model) if name in layer.adapters]
+    converted = []
     for layer in layers:
-        if not hasattr(layer.adapters[name], "to_lora"):
-            raise ConfigError(f"{layer.path}: adapter {name!r} ({type(layer.recipes[name]).__name__}) "
-                              "has no plain-LoRA form")
         if name in layer.merged:
             raise MergeError(f"{layer.path}: adapter {name!r} is merged; lk.unmerge(model) first")
-    for layer in layers:
-        recipe, adapter = layer.adapters[name].to_lora()
+        plain = layer.adapters[name].to_lora()
+        if plain is None:
+            raise ConfigError(f"{layer.path}: adapter {name!r} ({type(layer.recipes[name]).__name__}) "
+                              "has no plain-LoRA form")
+        converted.append((layer, plain))
+    for layer, (recipe, adapter) in converted:
         adapter.requires_grad_(name in layer.active)
         layer.adapters[name], layer.recipes[name] = adapter, recipe
+        layer.routing.clear()
     return model
 
 
@@ -263,24 +242,22 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     return model
 
 
-def _by_adapter(model: nn.Module, hook: str, active_only: bool):
-    """(recipe, [adapters]) per adapter name whose recipe has ``hook`` (a method's model-wide behaviour)."""
+def _by_adapter(model: nn.Module) -> list[tuple[object, list[nn.Module]]]:
+    """(recipe, [adapters]) per active adapter name: what a method's model-wide hooks run over."""
     groups: dict[str, tuple[object, list[nn.Module]]] = {}
     for _, layer in adapted_layers(model):
-        for name, adapter in layer.adapters.items():
-            recipe = layer.recipes[name]
-            if hasattr(recipe, hook) and (name in layer.active or not active_only):
-                groups.setdefault(name, (recipe, []))[1].append(adapter)
+        for name in layer.active:
+            groups.setdefault(name, (layer.recipes[name], []))[1].append(layer.adapters[name])
     return list(groups.values())
 
 
-def step(model: nn.Module, step: int) -> None:
-    """Run every adapter's per-step schedule (AdaLoRA's rank allocation) after optimizer step ``step``.
+def step(model: nn.Module, n: int) -> None:
+    """Run every adapter's per-step schedule (AdaLoRA's rank allocation) after optimizer step ``n`` (from 0).
 
     Call it after ``optimizer.step()`` and before ``optimizer.zero_grad()``: it reads the gradients.
     """
-    for recipe, adapters in _by_adapter(model, "on_step", active_only=True):
-        recipe.on_step(adapters, step)
+    for recipe, adapters in _by_adapter(model):
+        recipe.on_step(adapters, n)
 
 
 def track(model: nn.Module, optimizer: torch.optim.Optimizer):
@@ -291,7 +268,8 @@ def track(model: nn.Module, optimizer: torch.optim.Optimizer):
 
 def regularization(model: nn.Module) -> torch.Tensor:
     """The sum of the active adapters' training regularisers (AdaLoRA's orthogonality term); add it to the loss."""
-    terms = [recipe.regularization(adapters) for recipe, adapters in _by_adapter(model, "regularization", True)]
+    terms = [term for recipe, adapters in _by_adapter(model) for term in [recipe.regularization(adapters)]
+             if term is not None]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
@@ -327,7 +305,6 @@ def summary(model: nn.Module, file=None) -> str:
     header = ("module", "type", "adapter", "rank", "trainable")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    from lorakit.quant import numel
 
     total = sum(map(numel, model.parameters()))
     trainable = sum(p.numel() for p in trainable_parameters(model))

@@ -19,160 +19,18 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import logging
 import sys
-import threading
-import warnings
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lorakit.errors import ConfigError, LorakitError, UnsupportedLayerError
-from lorakit.layers import AdaptedLayer, LayerKind, linear_sizes
+from lorakit.adapt import matches, walk
+from lorakit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerError
+from lorakit.kinds import LINEAR, int8_state, layer_kind, load_bitsandbytes
+from lorakit.layers import AdaptedLayer
 
 MODES = ("nf4", "fp4", "int8")
-
-
-def _bnb():
-    bnb = sys.modules.get("bitsandbytes")
-    if bnb is not None:  # the hot path: every 4-bit matmul asks
-        return bnb
-    # On import bitsandbytes tries to fetch an optional CPU inference kernel from the Hugging Face hub
-    # and warns when it cannot; lorakit never takes that path (its CPU 4-bit matmul is _CpuMatmul4bit).
-    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes
-        import bitsandbytes.functional  # noqa: F401  (an attribute of bitsandbytes from now on)
-    except ImportError as e:
-        raise LorakitError(f"a quantized base needs bitsandbytes: pip install 'bitsandbytes>=0.48' ({e})") from e
-    finally:
-        quiet.setLevel(level)
-    return bitsandbytes
-
-
-# --- the two quantized layer kinds -------------------------------------------------------------
-def _forward_4bit(base: nn.Module, x: torch.Tensor, weight, bias):
-    dtype = x.dtype
-    x = x.to(base.compute_dtype or dtype)
-    bias = None if bias is None else bias.to(x.dtype)
-    if x.device.type == "cpu":
-        out = _CpuMatmul4bit.apply(x, weight, bias)
-    else:  # bitsandbytes' own op: a fused kernel for single-token decoding, and a caching allocator
-        out = _bnb().matmul_4bit(x, weight, bias=bias, quant_state=weight.quant_state)
-    return out.to(dtype)
-
-
-def _plain_state(weight):
-    """The weight's quantization state, undoing bitsandbytes' CPU repacking if it happened."""
-    state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        bf = _bnb().functional
-        # bitsandbytes repacks CPU weights for its inference kernel on a no-grad eval forward.
-        weight.data, weight.quant_state = bf._convert_weight_packed_for_cpu_inverse(weight.data, state)
-    return weight.quant_state
-
-
-def _dequantize_4bit(base: nn.Module, weight) -> torch.Tensor:
-    bf = _bnb().functional
-
-    return bf.dequantize_4bit(weight.data, _plain_state(weight))  # (d_out, d_in), the dtype it was quantized from
-
-
-class _CpuMatmul4bit(torch.autograd.Function):
-    """x·dequant(W)ᵀ for a frozen 4-bit W on CPU, dequantizing into one reused buffer (forward and backward).
-
-    bitsandbytes allocates a fresh float copy of W per call, and glibc keeps the pages those copies
-    leave between the activations: 140 MB of peak memory in a SmolLM2 QLoRA step (BENCHMARKS.md).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.weight = weight  # frozen and packed: nothing float is kept for backward
-        return F.linear(x, _scratch_dequantized(weight, x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            weight = _scratch_dequantized(ctx.weight, grad.dtype)
-            # Under create_graph the matmul keeps its operand for a second backward: not the shared buffer.
-            grad_x = grad @ (weight.clone() if torch.is_grad_enabled() else weight)
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None  # a train= bias
-        return grad_x, None, grad_bias
-
-
-_scratch = threading.local()
-
-
-def _scratch_dequantized(weight, dtype: torch.dtype) -> torch.Tensor:
-    """dequant(W) as ``dtype``, written into this thread's buffer: valid until the next call."""
-    bf = _bnb().functional
-
-    state = _plain_state(weight)
-    rows, cols = state.shape
-    # The ctypes library itself: bitsandbytes' wrapper answers any name with a function that raises.
-    native = getattr(bf.lib, "_lib", None)
-    kernel = getattr(native, f"cdequantize_blockwise_cpu_{state.quant_type}_{_C_DTYPES.get(state.dtype)}", None)
-    if kernel is None or cols % 2 or state.blocksize >= 2048:  # shapes bitsandbytes' CPU kernel leaves to Python
-        return bf.dequantize_4bit(weight.data, state).to(dtype)
-    buffers = _scratch.__dict__
-    flat = buffers.get(state.dtype)
-    if flat is None or flat.numel() < rows * cols:
-        flat = buffers[state.dtype] = torch.empty(rows * cols, dtype=state.dtype)
-    out = flat[:rows * cols].view(rows, cols)
-    absmax = bf.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
-    absmax, packed = absmax.float().contiguous(), weight.data.view(torch.uint8)  # alive through the call
-    kernel(bf.get_ptr(packed), bf.get_ptr(absmax), bf.get_ptr(out), ctypes.c_longlong(state.blocksize),
-           ctypes.c_longlong(rows), ctypes.c_longlong(cols))
-    return out.to(dtype)  # no copy when the compute dtype is the stored one
-
-
-_C_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _int8_state(base: nn.Module, weight):
-    """bitsandbytes' matmul state with the row scales, which it moves off the weight on first use."""
-    state = base.state
-    if weight.CB is not None:
-        state.CB, state.SCB = weight.CB, weight.SCB
-        weight.CB = weight.SCB = None
-    return state
-
-
-def _forward_int8(base: nn.Module, x: torch.Tensor, weight, bias):
-    state = _int8_state(base, weight)
-    state.is_training = base.training
-    return _bnb().matmul(x, weight, bias=None if bias is None else bias.to(x.dtype), state=state)
-
-
-def _dequantize_int8(base: nn.Module, weight) -> torch.Tensor:
-    state = _int8_state(base, weight)
-    return weight.data.float() * (state.SCB.float().unsqueeze(1) / 127)  # LLM.int8's per-row absmax scale
-
-
-def _state_4bit(base: nn.Module, weight) -> dict[str, torch.Tensor]:
-    return {"weight." + key: value for key, value in weight.quant_state.as_dict(packed=True).items()}
-
-
-def _state_int8(base: nn.Module, weight) -> dict[str, torch.Tensor]:
-    return {"SCB": _int8_state(base, weight).SCB, "weight_format": torch.tensor(0, dtype=torch.uint8)}
-
-
-QUANT_4BIT = LayerKind("linear", _forward_4bit, linear_sizes, ("in_features", "out_features"),
-                       dequantize=_dequantize_4bit, extra_state=_state_4bit, label="4bit")
-QUANT_INT8 = LayerKind("linear", _forward_int8, linear_sizes, ("in_features", "out_features"),
-                       dequantize=_dequantize_int8, extra_state=_state_int8, label="int8")
-KINDS = {"Params4bit": QUANT_4BIT, "Int8Params": QUANT_INT8}  # by the weight's type: subclasses of either layer
-
-
-def numel(parameter: torch.Tensor) -> int:
-    """How many weights a parameter stands for (a packed 4-bit tensor holds two per byte)."""
-    state = getattr(parameter, "quant_state", None) if type(parameter).__name__ == "Params4bit" else None
-    return state.shape.numel() if state is not None else parameter.numel()
 
 
 def quantized_bits(module: nn.Module) -> float | None:
@@ -185,7 +43,7 @@ def quantized_bits(module: nn.Module) -> float | None:
             scales += state.state2.absmax.numel() * state.state2.absmax.element_size()
         return 8 * (weight.numel() * weight.element_size() + scales) / numel
     if type(weight).__name__ == "Int8Params":
-        state = _int8_state(module.base if isinstance(module, AdaptedLayer) else module, weight)
+        state = int8_state(module.base if isinstance(module, AdaptedLayer) else module, weight)
         return 8 * (weight.numel() + state.SCB.numel() * state.SCB.element_size()) / weight.numel()
     return None
 
@@ -194,7 +52,7 @@ def quantized_bits(module: nn.Module) -> float | None:
 def _quantized_linear(linear: nn.Module, weight: torch.Tensor, mode: str, compute_dtype, double_quant: bool,
                       blocksize: int) -> nn.Module:
     """A bitsandbytes layer holding ``weight`` (d_out, d_in) quantized, with ``linear``'s bias."""
-    bnb = _bnb()
+    bnb = load_bitsandbytes()
     bias = linear.bias
     # Built on the meta device: a real init would allocate (and randomise) a float weight to throw away.
     if mode == "int8":
@@ -237,10 +95,6 @@ def quantize(model: nn.Module, mode: str = "nf4", *, compute_dtype: torch.dtype 
 
 def _swap(model: nn.Module, mode: str, compute_dtype, double_quant: bool, blocksize: int, skip, targets) -> None:
     """Replace the chosen linear layers (or adapted layers' bases) by quantized ones."""
-    from lorakit.adapt import matches, walk
-    from lorakit.errors import TargetNotFoundError
-    from lorakit.layers import LINEAR, layer_kind
-
     candidates = list(walk(model))
     chosen = [(p, m) for p, m in candidates if (m.kind if isinstance(m, AdaptedLayer) else layer_kind(m)) is LINEAR
               and (targets is None or matches(p, targets)) and not matches(p, list(skip))]
@@ -294,7 +148,7 @@ def _unmap(model: nn.Module) -> None:
 
 def _quantize_adapted(layer: AdaptedLayer, mode: str, compute_dtype, double_quant: bool, blocksize: int) -> None:
     """Quantize an adapted layer's base: its residual after a PiSSA/MiLoRA start (QPiSSA), else W itself."""
-    starts = [a.start() for a in layer.adapters.values() if hasattr(a, "start")]
+    starts = [start for a in layer.adapters.values() for start in [a.start()] if start is not None]
     if not starts:
         raise UnsupportedLayerError(f"lk.quantize: {layer.path} already has adapters; quantize the base first, then "
                                     "lk.adapt (only PiSSA/MiLoRA adapters come first: QPiSSA quantizes the residual)")
@@ -304,10 +158,3 @@ def _quantize_adapted(layer: AdaptedLayer, mode: str, compute_dtype, double_quan
     with torch.no_grad():
         residual = (layer.weight.float() - B.float() @ A.float()).to(layer.weight.dtype)
     layer.replace_base(_quantized_linear(layer, residual, mode, compute_dtype, double_quant, blocksize), (A, B))
-
-
-def warn_merged(count: int) -> None:
-    """Say what merging into a quantized base did (it is not a plain in-place add)."""
-    warnings.warn(f"lk.merge: {count} quantized layer(s) now hold a dequantized float copy of their weight plus the "
-                  "update, which computes the trained function (re-quantizing would round the update away); the "
-                  "quantized originals are kept, so lk.unmerge restores them exactly", stacklevel=3)

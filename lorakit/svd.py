@@ -38,7 +38,7 @@ def cached_bytes() -> int:
 def _canonical_signs(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor):
     pivot = Vh.abs().argmax(dim=1, keepdim=True)  # (k, 1)
     signs = torch.sign(Vh.gather(1, pivot)).squeeze(1)
-    signs[signs == 0] = 1
+    signs = torch.where(signs == 0, 1.0, signs)
     # Row-major (LAPACK's factors are column-major): adapters that keep the basis (SVF, SVFT) need it
     # so, and then their buffers share the cache's storage instead of copying it. In place: the factors
     # are the decomposition's own fresh outputs.

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.layers import AdaptedLayer, forward_mode
+from lorakit.layers import AdaptedLayer, adapted_layers, forward_mode
 
 
 class TrainedModule(nn.Module):
@@ -138,8 +138,6 @@ def check_placement(model: nn.Module, adapted: Sequence[str], trained: Sequence[
 
     The original's copies would not carry an adapter put inside it, nor would the original see it.
     """
-    from lorakit.model import adapted_layers
-
     adapted = [*adapted, *(p for p, _ in adapted_layers(model))]
     wrapped = [p for p, _ in trained_modules(model)]
     for path in dict.fromkeys([*trained, *wrapped]):

@@ -91,7 +91,7 @@ def test_to_device_moves_everything_and_drops_caches(case):
     model.to("meta")
     assert all(t.is_meta for _, t in [*_adapter_tensors(model), *_base_tensors(model)])
     for _, layer in lk.model.adapted_layers(model):
-        assert layer._stack_cache is None and layer._route_cache is None
+        assert layer.routing.stacks is None and layer.routing.plan is None
         assert all(m.spec.device.type == "meta" for m in layer.adapters.modules() if hasattr(m, "spec"))
         assert layer.base_weight().is_meta
 

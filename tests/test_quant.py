@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
+import lorakit.kinds
 from conftest import randomize, tiny_llama, token_ids
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -232,15 +233,15 @@ def test_cpu_4bit_matmul_equals_bitsandbytes_and_reuses_one_buffer(dtype, shape)
               for mode in ("nf4", "fp4")]
     x = torch.randn(5, shape[1], dtype=dtype, requires_grad=True)
     for layer in layers:
-        got = lk.quant._scratch_dequantized(layer.weight, dtype)
+        got = lorakit.kinds._scratch_dequantized(layer.weight, dtype)
         assert torch.equal(got, bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
-        ours = lk.quant.QUANT_4BIT.forward(layer, x, layer.weight, layer.bias)
+        ours = lorakit.kinds.QUANT_4BIT.forward(layer, x, layer.weight, layer.bias)
         (grad,) = torch.autograd.grad(ours.sum(), x)
         theirs = bnb.matmul_4bit(x, layer.weight.t(), bias=layer.bias, quant_state=layer.weight.quant_state)
         (their_grad,) = torch.autograd.grad(theirs.sum(), x)
         assert torch.equal(ours, theirs) and torch.equal(grad, their_grad)
     if shape[1] % 2 == 0:  # one buffer serves every layer and call on this thread: no per-call float copy
-        first, second = (lk.quant._scratch_dequantized(layer.weight, dtype) for layer in layers)
+        first, second = (lorakit.kinds._scratch_dequantized(layer.weight, dtype) for layer in layers)
         assert first.data_ptr() == second.data_ptr()
 
 
@@ -259,7 +260,7 @@ def test_cpu_4bit_double_backward_sees_each_layers_own_weight():
         (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
         return torch.autograd.grad(g.pow(2).sum(), x)[0]
 
-    ours = hessian_vector(lambda i, t: lk.quant.QUANT_4BIT.forward(layers[i], t, layers[i].weight, None))
+    ours = hessian_vector(lambda i, t: lorakit.kinds.QUANT_4BIT.forward(layers[i], t, layers[i].weight, None))
     expected = hessian_vector(lambda i, t: t @ floats[i].t())
     torch.testing.assert_close(ours, expected)
 
@@ -272,9 +273,9 @@ def test_cpu_4bit_matmul_falls_back_when_bitsandbytes_has_no_cpu_kernel(monkeypa
 
     layer = lk.quantize(nn.Sequential(nn.Linear(64, 48)), "nf4", skip=())[0]
     x = torch.randn(5, 64)
-    expected = lk.quant.QUANT_4BIT.forward(layer, x, layer.weight, layer.bias)
+    expected = lorakit.kinds.QUANT_4BIT.forward(layer, x, layer.weight, layer.bias)
     monkeypatch.setattr(bf, "lib", ErrorHandlerMockBNBNativeLibrary("simulated: no native library"))
-    assert torch.equal(lk.quant.QUANT_4BIT.forward(layer, x, layer.weight, layer.bias), expected)
+    assert torch.equal(lorakit.kinds.QUANT_4BIT.forward(layer, x, layer.weight, layer.bias), expected)
 
 
 def test_a_4bit_layer_keeps_no_float_weight_for_backward():

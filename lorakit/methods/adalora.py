@@ -26,36 +26,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.errors import ConfigError, UnsupportedLayerError
-from lorakit.methods.base import LayerSpec, check_dropout, check_finite, check_positive, register
-from lorakit.methods.lora import load_exported
+from lorakit.errors import ConfigError
+from lorakit.methods.base import (Adapter, LayerSpec, Method, add_low_rank, check_dropout, check_finite, check_int,
+                                  check_linear, check_positive, load_exported)
 
 
-@register
 @dataclass(frozen=True)
-class AdaLoRA:
+class AdaLoRA(Method):
     """Budgeted SVD-form LoRA: ``init_rank`` triplets per matrix pruned to ``target_rank`` on average."""
 
     name: ClassVar[str] = "adalora"
     init_rank: int = 12
+    """triplets per matrix at the start"""
     target_rank: int = 8
-    total_steps: int = 0  # required: the schedule ends here
-    tinit: int = 0  # steps before pruning starts
-    tfinal: int = 0  # last steps with a frozen mask
-    delta_t: int = 1  # steps between reallocations
+    """average triplets per matrix once the budget is spent"""
+    total_steps: int = 0
+    """length of training, where the schedule ends (required; a training run fills it in)"""
+    tinit: int = 0
+    """warm-up steps before pruning starts"""
+    tfinal: int = 0
+    """last steps, with the mask frozen"""
+    delta_t: int = 1
+    """steps between reallocations"""
     beta1: float = 0.85
+    """EMA factor of the sensitivity"""
     beta2: float = 0.85
+    """EMA factor of the uncertainty"""
     orth_reg_weight: float = 0.5
+    """weight of the orthogonality regulariser"""
     alpha: float = 8.0
+    """scale numerator: the update is scaled by alpha/init_rank"""
     dropout: float = 0.0
+    """dropout on the adapter's input"""
 
     def __post_init__(self):
-        for key in ("init_rank", "target_rank", "total_steps", "tinit", "tfinal", "delta_t"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"AdaLoRA: {key} must be an int, got {value!r}")
-        check_positive("AdaLoRA", init_rank=self.init_rank, target_rank=self.target_rank, delta_t=self.delta_t,
-                       alpha=self.alpha)
+        check_int("AdaLoRA", None, total_steps=self.total_steps, tinit=self.tinit, tfinal=self.tfinal)
+        check_int("AdaLoRA", 1, init_rank=self.init_rank, target_rank=self.target_rank, delta_t=self.delta_t)
+        check_positive("AdaLoRA", alpha=self.alpha)
         if self.total_steps <= 0:
             raise ConfigError("AdaLoRA: total_steps (the length of training) must be given, > 0")
         if self.target_rank > self.init_rank:
@@ -76,8 +83,7 @@ class AdaLoRA:
 
     def build(self, spec: LayerSpec, init: bool = True, rank: int | None = None) -> "AdaLoRAAdapter":
         """The adapter for one layer, with ``rank`` triplets (default ``init_rank``; fewer after pruning)."""
-        if spec.kind != "linear":
-            raise UnsupportedLayerError(f"AdaLoRA adapts linear layers, not {spec.kind} layers")
+        check_linear("AdaLoRA", spec)
         return AdaLoRAAdapter(spec, self.init_rank if rank is None else rank, self.scale, self.dropout, init)
 
     def peft_config(self) -> dict:
@@ -89,14 +95,21 @@ class AdaLoRA:
                 "use_rslora": False}
 
     @classmethod
-    def from_peft(cls, config: dict) -> "AdaLoRA":
+    def from_peft(cls, config: dict) -> "AdaLoRA | None":
         """The recipe a PEFT ADALORA config describes."""
+        if config.get("peft_type") != "ADALORA":
+            return None
         return cls(init_rank=int(config["init_r"]), target_rank=int(config["target_r"]),
                    total_steps=int(config["total_step"]), tinit=int(config.get("tinit", 0)),
                    tfinal=int(config.get("tfinal", 0)), delta_t=int(config.get("deltaT", 1)),
                    beta1=float(config.get("beta1", 0.85)), beta2=float(config.get("beta2", 0.85)),
                    orth_reg_weight=float(config.get("orth_reg_weight", 0.5)), alpha=float(config["lora_alpha"]),
                    dropout=float(config.get("lora_dropout") or 0.0))
+
+    @classmethod
+    def training_defaults(cls, steps: int) -> dict:
+        """The schedule over a run of ``steps``: pruning after the first tenth, the mask frozen for the last fifth."""
+        return {"total_steps": steps, "tinit": steps // 10, "tfinal": steps // 5}
 
     def budget(self, step: int, initial: int, target: int) -> tuple[int, bool]:
         """(total triplets allowed at ``step``, whether to reallocate now) — PEFT's schedule."""
@@ -141,7 +154,7 @@ def _mask_to_budget(adapters: Sequence["AdaLoRAAdapter"], prune: int) -> None:
         adapter.apply_mask()
 
 
-class AdaLoRAAdapter(nn.Module):
+class AdaLoRAAdapter(Adapter):
     """P (``lora_B``), λ (``lora_E``), Q (``lora_A``) and the current triplet mask."""
 
     def __init__(self, spec: LayerSpec, rank: int, scale: float, dropout: float, init: bool = True):
@@ -164,9 +177,7 @@ class AdaLoRAAdapter(nn.Module):
         if self.dropout is not None:
             x = self.dropout(x)
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A * self.lora_E) * self.scale  # (..., r)
-        if out.dtype != h.dtype:
-            return out + F.linear(h, self.lora_B).to(out.dtype)
-        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.rank), self.lora_B.t()).view(out.shape)
+        return add_low_rank(out, h, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·P·diag(λ)·Q, float32."""
@@ -199,10 +210,10 @@ class AdaLoRAAdapter(nn.Module):
         self.lora_E.masked_fill_(~self.rank_mask[:, None], 0.0)
 
     def export(self) -> dict[str, torch.Tensor]:
-        """PEFT's keys (no ``.weight``); only the kept triplets (see ``pruned``) are written by lk.save."""
+        """PEFT's keys (no ``.weight``); only the kept triplets (see ``saved``) are written by lk.save."""
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_E": self.lora_E}
 
-    def pruned(self) -> dict[str, torch.Tensor]:
+    def saved(self) -> dict[str, torch.Tensor]:
         """The exported tensors restricted to the triplets the mask keeps (PEFT's saved shapes)."""
         keep = self.rank_mask
         return {"lora_A": self.lora_A[keep], "lora_B": self.lora_B[:, keep], "lora_E": self.lora_E[keep]}

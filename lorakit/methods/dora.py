@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import MergeError
-from lorakit.methods.base import LayerSpec, register
-from lorakit.methods.lora import LoRA, LoRAAdapter, load_exported
+from lorakit.methods.base import Adapter, LayerSpec, add_update
+from lorakit.methods.lora import LoRA, LoRAAdapter
 
 
-@register
 @dataclass(frozen=True)
 class DoRA(LoRA):
     """LoRA on the direction of each output row, plus a trainable magnitude per row."""
@@ -44,8 +43,13 @@ class DoRA(LoRA):
     def peft_config(self) -> dict:
         return {**super().peft_config(), "use_dora": True}
 
+    @classmethod
+    def from_peft(cls, config: dict) -> "DoRA | None":
+        """PEFT's LORA configs with ``use_dora``."""
+        return cls._from_peft_lora(config) if config.get("peft_type") == "LORA" and config.get("use_dora") else None
 
-class DoRAAdapter(nn.Module):
+
+class DoRAAdapter(Adapter):
     """A LoRA update (``lora``) and the magnitude vector ``m`` (d_out,)."""
 
     needs_base = True  # the layer passes W·x (no bias) to rescale it
@@ -87,7 +91,7 @@ class DoRAAdapter(nn.Module):
                 W = self.spec.weight().to(x.dtype)
                 base = self.spec.conv(x, W) if self.spec.kind == "conv" else F.linear(x, W)
         g = self._feature_view(self.magnitude / self.weight_norm().to(self.magnitude.dtype), out)  # m/n
-        return out + ((g - 1) * base.to(g.dtype) + g * self.lora.update(x)).to(out.dtype)
+        return add_update(out, (g - 1) * base.to(g.dtype) + g * self.lora.update(x))
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (m/n)·(W + s·B·A) − W, float32."""
@@ -102,6 +106,3 @@ class DoRAAdapter(nn.Module):
         if self.spec.kind == "conv":
             magnitude = magnitude.view(1, -1, *(1,) * len(self.spec.kernel_size))
         return {**self.lora.export(), "lora_magnitude_vector": magnitude}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        load_exported(self, tensors, where)

@@ -20,27 +20,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.errors import ConfigError, MergeError, ShapeMismatchError
-from lorakit.methods.base import LayerSpec, check_dropout, check_positive, register
+from lorakit.errors import ConfigError, MergeError
+from lorakit.methods.base import Adapter, LayerSpec, Method, add_low_rank, add_update, check_dropout, check_int, check_positive
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-@register
 @dataclass(frozen=True)
-class LoRA:
+class LoRA(Method):
     """Low-rank update ``s·B·A``; ``rslora=True`` scales by alpha/√rank instead of alpha/rank."""
 
     name: ClassVar[str] = "lora"
     rank: int = 8
+    """rank r of the update B·A"""
     alpha: float = 16.0
+    """scale numerator: the update is scaled by alpha/r (alpha/√r with rslora)"""
     dropout: float = 0.0
+    """dropout on the adapter's input"""
     rslora: bool = False
+    """rank-stabilised scale alpha/√r (Kalajdzievski 2023)"""
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
-            raise ConfigError(f"{type(self).__name__}: rank must be an int, got {self.rank!r}")
-        check_positive(type(self).__name__, rank=self.rank, alpha=self.alpha)
+        check_int(type(self).__name__, 1, rank=self.rank)
+        check_positive(type(self).__name__, alpha=self.alpha)
         check_dropout(type(self).__name__, self.dropout)
 
     @property
@@ -56,8 +58,33 @@ class LoRA:
         return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha,
                 "lora_dropout": self.dropout, "use_rslora": self.rslora, "use_dora": False}
 
+    @classmethod
+    def from_peft(cls, config: dict) -> "LoRA | None":
+        """PEFT's LORA configs without ``use_dora`` (those are DoRA's)."""
+        if config.get("peft_type") != "LORA" or config.get("use_dora"):
+            return None
+        return cls._from_peft_lora(config)
 
-class LoRAAdapter(nn.Module):
+    @classmethod
+    def _from_peft_lora(cls, config: dict) -> "LoRA":
+        return cls(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                   dropout=float(config.get("lora_dropout") or 0.0), rslora=bool(config.get("use_rslora")))
+
+    @classmethod
+    def from_factors(cls, spec: LayerSpec, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0,
+                     dropout: float = 0.0) -> "tuple[LoRA, LoRAAdapter]":
+        """The plain LoRA (recipe, adapter) with factors ``A`` (r, d_in), ``B`` (d_out, r) and scale ``scale``
+        on the layer ``spec`` describes (reshaped to a conv's or an embedding's layout where need be)."""
+        rank = A.shape[0]
+        recipe = LoRA(rank=rank, alpha=scale * rank, dropout=dropout)
+        adapter = recipe.build(spec, init=False)
+        with torch.no_grad():
+            adapter.lora_A.copy_(A.reshape(adapter.lora_A.shape))
+            adapter.lora_B.copy_(B.reshape(adapter.lora_B.shape))
+        return recipe, adapter
+
+
+class LoRAAdapter(Adapter):
     """The tensors of one LoRA update on one layer: ``lora_A`` (r, d_in) and ``lora_B`` (d_out, r)."""
 
     def __init__(self, spec: LayerSpec, rank: int, scale: float, dropout: float, init: bool = True):
@@ -101,13 +128,11 @@ class LoRAAdapter(nn.Module):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
             x = self.dropout(x)
-        A, B = self.lora_A, self.lora_B
-        if self.spec.kind != "linear" or base_out.dtype != A.dtype:
-            return base_out + self.update(x).to(base_out.dtype)
+        A = self.lora_A
+        if self.spec.kind != "linear":
+            return add_update(base_out, self.update(x))
         # Scale the rank-r intermediate (cheap) and fuse "+ base_out" into the second matmul.
-        h = F.linear(x.to(A.dtype), A) * self.scale  # (..., r)
-        out = torch.addmm(base_out.reshape(-1, B.shape[0]), h.reshape(-1, self.rank), B.t())
-        return out.view(base_out.shape)
+        return add_low_rank(base_out, F.linear(x.to(A.dtype), A) * self.scale, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·B·A in the layer's canonical layout, float32."""
@@ -129,22 +154,3 @@ class LoRAAdapter(nn.Module):
         if self.spec.kind == "embedding":
             return {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Copy saved tensors in, checking every key and shape; ``where`` names the module in errors."""
-        load_exported(self, tensors, where)
-
-
-def load_exported(adapter: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Copy ``tensors`` into the tensors ``adapter.export()`` names, checking keys and shapes."""
-    own = adapter.export()
-    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or extra:
-        raise ShapeMismatchError(f"{where}: adapter tensors missing {missing} / unexpected {extra}")
-    for key, target in own.items():
-        if tuple(tensors[key].shape) != tuple(target.shape):
-            raise ShapeMismatchError(
-                f"{where}.{key}: the file has shape {tuple(tensors[key].shape)}, the model needs {tuple(target.shape)}")
-    with torch.no_grad():
-        for key, target in own.items():
-            target.copy_(tensors[key])

@@ -11,34 +11,37 @@ singular vectors (a flipped sign or a different randomized SVD would rotate it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorakit import svd
-from lorakit.errors import ConfigError, UnsupportedLayerError
-from lorakit.methods.base import LayerSpec, check_dropout, check_positive, register
-from lorakit.methods.lora import load_exported
+from lorakit.errors import ConfigError
+from lorakit.methods.base import (Adapter, LayerSpec, Method, add_low_rank, check_dropout, check_int, check_linear,
+                                  check_positive)
 
 
-@register
 @dataclass(frozen=True)
-class LoRAXS:
+class LoRAXS(Method):
     """r×r trainable core in the top-``rank`` singular basis; ``alpha=None`` means alpha = rank (scale 1)."""
 
     name: ClassVar[str] = "lora_xs"
     rank: int = 8
+    """rank r: the singular triplets around the trainable r×r core"""
     alpha: float | None = None
-    init: str = "zeros"  # "zeros" (exact no-op) | "gaussian" (the paper's N(0, 1e-5²))
+    """scale numerator (scale alpha/r); unset: alpha = r, scale 1"""
+    init: Literal["zeros", "gaussian"] = "zeros"
+    """the core's start: zeros (exactly the base) or gaussian (the paper's N(0, 1e-5²))"""
     niter: int | None = None
+    """randomized SVD with this many subspace iterations (fast); unset: the exact SVD"""
     dropout: float = 0.0
+    """dropout on the adapter's input"""
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
-            raise ConfigError(f"LoRAXS: rank must be an int, got {self.rank!r}")
-        check_positive("LoRAXS", rank=self.rank, alpha=self.alpha, niter=self.niter)
+        check_int("LoRAXS", 1, rank=self.rank)
+        check_positive("LoRAXS", alpha=self.alpha, niter=self.niter)
         check_dropout("LoRAXS", self.dropout)
         if self.init not in ("zeros", "gaussian"):
             raise ConfigError(f"LoRAXS: init must be 'zeros' or 'gaussian', got {self.init!r}")
@@ -49,10 +52,7 @@ class LoRAXS:
 
     def build(self, spec: LayerSpec, init: bool = True) -> "LoRAXSAdapter":
         """The adapter for one layer; ``init=False`` skips the SVD (its tensors are about to be loaded)."""
-        if spec.kind != "linear":
-            raise UnsupportedLayerError(f"LoRAXS adapts linear layers, not {spec.kind} layers")
-        if self.rank > min(spec.d_in, spec.d_out):
-            raise ConfigError(f"LoRAXS: rank {self.rank} exceeds the layer's {spec.d_out}x{spec.d_in} weight")
+        check_linear("LoRAXS", spec, self.rank)
         adapter = LoRAXSAdapter(spec, self.rank, self.scale, self.dropout)
         if init:
             U, S, Vh = svd.top(spec.weight(), self.rank, self.niter, source=spec.source)
@@ -64,7 +64,7 @@ class LoRAXS:
         return adapter
 
 
-class LoRAXSAdapter(nn.Module):
+class LoRAXSAdapter(Adapter):
     """Frozen ``lora_A`` (r, d_in) and ``lora_B`` (d_out, r); trainable ``lora_latent`` R (r, r)."""
 
     def __init__(self, spec: LayerSpec, rank: int, scale: float, dropout: float):
@@ -81,9 +81,7 @@ class LoRAXSAdapter(nn.Module):
         if self.dropout is not None:
             x = self.dropout(x)
         h = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_latent * self.scale)  # (..., r)
-        if out.dtype != h.dtype:
-            return out + F.linear(h, self.lora_B).to(out.dtype)
-        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.rank), self.lora_B.t()).view(out.shape)
+        return add_low_rank(out, h, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·B·R·A, float32."""
@@ -95,6 +93,3 @@ class LoRAXSAdapter(nn.Module):
 
     def export(self) -> dict[str, torch.Tensor]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_latent": self.lora_latent}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        load_exported(self, tensors, where)

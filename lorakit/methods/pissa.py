@@ -25,14 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import svd
-from lorakit.errors import ConfigError, UnsupportedLayerError
-from lorakit.methods.base import LayerSpec, check_dropout, check_positive, register
-from lorakit.methods.lora import LoRA, LoRAAdapter, load_exported
+from lorakit.errors import ConfigError
+from lorakit.methods.base import Adapter, LayerSpec, Method, add_update, check_dropout, check_int, check_linear, check_positive
+from lorakit.methods.lora import LoRA, LoRAAdapter
 
 
-@register
 @dataclass(frozen=True)
-class PiSSA:
+class PiSSA(Method):
     """Principal singular values and vectors adaptation: LoRA started on the top-``rank`` SVD part.
 
     ``alpha=None`` means alpha = rank (scale 1, the paper's setting). ``niter`` uses randomized SVD
@@ -40,16 +39,20 @@ class PiSSA:
     """
 
     name: ClassVar[str] = "pissa"
+    quantizes_residual: ClassVar[bool] = True  # QPiSSA: quantize W minus the adapter's start
     rank: int = 8
+    """rank r: the singular triplets the adapter starts on"""
     alpha: float | None = None
+    """scale numerator (scale alpha/r); unset: alpha = r, scale 1 (the paper's)"""
     niter: int | None = None
+    """randomized SVD with this many subspace iterations (fast); unset: the exact SVD"""
     dropout: float = 0.0
+    """dropout on the trainable chain's input"""
 
     def __post_init__(self):
         owner = type(self).__name__
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
-            raise ConfigError(f"{owner}: rank must be an int, got {self.rank!r}")
-        check_positive(owner, rank=self.rank, alpha=self.alpha, niter=self.niter)
+        check_int(owner, 1, rank=self.rank)
+        check_positive(owner, alpha=self.alpha, niter=self.niter)
         check_dropout(owner, self.dropout)
 
     @property
@@ -62,11 +65,7 @@ class PiSSA:
 
     def build(self, spec: LayerSpec, init: bool = True) -> "SVDStartAdapter":
         """The adapter for one layer; ``init=False`` skips the SVD (its tensors are about to be loaded)."""
-        if spec.kind != "linear":
-            raise UnsupportedLayerError(f"{type(self).__name__} adapts linear layers, not {spec.kind} layers")
-        if self.rank > min(spec.d_in, spec.d_out):
-            raise ConfigError(f"{type(self).__name__}: rank {self.rank} exceeds the layer's "
-                              f"{spec.d_out}x{spec.d_in} weight")
+        check_linear(type(self).__name__, spec, self.rank)
         if not init:
             return SVDStartAdapter(spec, self.scale, self.dropout, A0=torch.zeros(self.rank, spec.d_in),
                                    B0=torch.zeros(spec.d_out, self.rank))
@@ -75,7 +74,6 @@ class PiSSA:
         return SVDStartAdapter(spec, self.scale, self.dropout, A0=root[:, None] * Vh, B0=U * root)
 
 
-@register
 @dataclass(frozen=True)
 class MiLoRA(PiSSA):
     """Minor singular component LoRA: LoRA started on the bottom-``rank`` SVD part (full SVD only)."""
@@ -92,7 +90,7 @@ class MiLoRA(PiSSA):
         return svd.bottom(spec.weight(), self.rank, source=spec.source)
 
 
-class SVDStartAdapter(nn.Module):
+class SVDStartAdapter(Adapter):
     """Trainable ``lora_A``/``lora_B`` and their frozen starting values ``init_A``/``init_B``."""
 
     def __init__(self, spec: LayerSpec, scale: float, dropout: float, A0: torch.Tensor, B0: torch.Tensor):
@@ -115,7 +113,7 @@ class SVDStartAdapter(nn.Module):
         # Two identical chains subtracted (not one rank-2r product) so they cancel exactly while B = B0, A = A0.
         delta = (F.linear(F.linear(dropped, self.lora_A) * self.scale, self.lora_B)
                  - F.linear(F.linear(x, self.init_A) * self.scale, self.init_B))
-        return out + delta.to(out.dtype)
+        return add_update(out, delta)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·(B·A − B0·A0), float32."""
@@ -137,18 +135,9 @@ class SVDStartAdapter(nn.Module):
     def to_lora(self) -> tuple[LoRA, LoRAAdapter]:
         """The plain rank-2r LoRA recipe and adapter computing the same update (its dropout, if any,
         covers both halves, as in PEFT's conversion: the same function outside training)."""
-        recipe = LoRA(rank=2 * self.rank, alpha=self.scale * 2 * self.rank, dropout=self.dropout_p)
-        adapter = recipe.build(self.spec)
-        A, B = self.lora_factors()
-        with torch.no_grad():
-            adapter.lora_A.copy_(A)
-            adapter.lora_B.copy_(B)
-        return recipe, adapter
+        return LoRA.from_factors(self.spec, *self.lora_factors(), scale=self.scale, dropout=self.dropout_p)
 
     def export(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B,
                 "init_A": self.init_A, "init_B": self.init_B}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        load_exported(self, tensors, where)
 

@@ -22,25 +22,23 @@ import torch
 from torch import nn
 
 from lorakit import svd
-from lorakit.errors import AdapterFileError, ShapeMismatchError, UnsupportedLayerError
-from lorakit.methods.base import LayerSpec, check_dropout, register
-from lorakit.methods.lora import load_exported
+from lorakit.errors import AdapterFileError, ShapeMismatchError
+from lorakit.methods.base import Adapter, LayerSpec, Method, add_low_rank, check_dropout, check_linear, load_exported
 
 
 def singular_basis(method: str, spec: LayerSpec):
     """The full SVD ``(U, S, Vh)`` of a linear layer's weight (other layer kinds raise)."""
-    if spec.kind != "linear":
-        raise UnsupportedLayerError(f"{method} adapts linear layers, not {spec.kind} layers")
+    check_linear(method, spec)
     return svd.svd(spec.weight(), source=spec.source)
 
 
-@register
 @dataclass(frozen=True)
-class SVF:
+class SVF(Method):
     """Trainable multiplier z per singular value; the base at z = 1."""
 
     name: ClassVar[str] = "svf"
     dropout: float = 0.0
+    """dropout on the adapter's input"""
 
     def __post_init__(self):
         check_dropout("SVF", self.dropout)
@@ -53,7 +51,7 @@ class SVF:
                                multiplicative=True, dropout=self.dropout)
 
 
-class SpectralAdapter(nn.Module):
+class SpectralAdapter(Adapter):
     """``ΔW = U·M·Vᵀ`` with M sparse: ``values`` at (``rows``, ``cols``) of an n×n matrix.
 
     ``multiplicative=True`` (SVF) reads M's diagonal entries as ``σ ⊙ (values − 1)``.
@@ -90,9 +88,7 @@ class SpectralAdapter(nn.Module):
             # One n×n matmul: gathering h at each of M's k entries would keep a (tokens, k) tensor per
             # layer for backward (k = 33n for SVFT's banded d=16), gigabytes for a 135M model.
             h = h @ self.dense().to(h.dtype).t()
-        if out.dtype != h.dtype:
-            return out + (h @ self.U.t()).to(out.dtype)
-        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.U.t()).view(out.shape)
+        return add_low_rank(out, h, self.U)
 
     def dense(self) -> torch.Tensor:
         """M as a dense n×n float32 matrix."""
@@ -104,6 +100,10 @@ class SpectralAdapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = U·M·Vᵀ, float32."""
         return self.U.float() @ self.dense() @ self.Vh.float()
+
+    def support(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) of M's entries, which ``values`` holds: adapters of one recipe and support mix linearly."""
+        return self.rows, self.cols
 
     def export(self) -> dict[str, torch.Tensor]:
         return {"spectrum": self.spectrum, "rows": self.rows, "cols": self.cols, "values": self.values}

@@ -16,35 +16,37 @@ and the saved singular values are checked on reload, so a reload cannot rotate M
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.methods.base import LayerSpec, check_dropout, register
+from lorakit.methods.base import LayerSpec, Method, check_dropout, check_int
 from lorakit.methods.svf import SpectralAdapter, singular_basis
 
-PATTERNS = ("plain", "banded", "random", "top_k")
+Pattern = Literal["plain", "banded", "random", "top_k"]
+PATTERNS = get_args(Pattern)
 
 
-@register
 @dataclass(frozen=True)
-class SVFT:
+class SVFT(Method):
     """Sparse trainable M in the singular basis; ``width`` off-diagonals (banded) or their count (random, top_k)."""
 
     name: ClassVar[str] = "svft"
-    pattern: str = "plain"
+    pattern: Pattern = "plain"
+    """M's support: plain (the diagonal), banded, random or top_k"""
     width: int = 0
-    seed: int = 0  # the random pattern's positions
+    """off-diagonals on each side (banded), or as many entries as that band has (random, top_k)"""
+    seed: int = 0
+    """seed of the random pattern's positions"""
     dropout: float = 0.0
+    """dropout on the adapter's input"""
 
     def __post_init__(self):
         if self.pattern not in PATTERNS:
             raise ConfigError(f"SVFT: pattern must be one of {PATTERNS}, got {self.pattern!r}")
-        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 0:
-            raise ConfigError(f"SVFT: width must be an int >= 0, got {self.width!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"SVFT: seed must be an int, got {self.seed!r}")
+        check_int("SVFT", 0, width=self.width)
+        check_int("SVFT", None, seed=self.seed)
         if self.pattern == "plain" and self.width:
             raise ConfigError("SVFT: the plain pattern is the diagonal; width needs 'banded', 'random' or 'top_k'")
         check_dropout("SVFT", self.dropout)
