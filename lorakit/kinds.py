@@ -10,6 +10,7 @@ it is an optional extra, so ``import lorakit`` never loads it.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import sys
 import threading
@@ -39,6 +40,9 @@ class LayerKind:
     extra_state: Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]] | None = None
     # Names the kind: a pickled model refers to it by this name, so ``kind is LINEAR`` survives a reload.
     label: str | None = None
+    # QPiSSA's residual base: the layer's weight holds W − P quantized, and the low-rank P = B·A, kept in float
+    # by the layer (its principal_A/principal_B), is part of the base: in its forward and its weight.
+    principal: bool = False
 
     def __post_init__(self):
         if self.label is not None:
@@ -244,6 +248,14 @@ QUANT_4BIT = LayerKind("linear", _forward_4bit, linear_sizes, ("in_features", "o
 QUANT_INT8 = LayerKind("linear", _forward_int8, linear_sizes, ("in_features", "out_features"),
                        dequantize=_dequantize_int8, extra_state=_state_int8, label="int8")
 QUANTIZED_KINDS = {"Params4bit": QUANT_4BIT, "Int8Params": QUANT_INT8}  # by the weight's type: subclasses of either layer
+# The residual bases QPiSSA makes of them (lk.quantize on a layer carrying a PiSSA/MiLoRA start).
+RESIDUAL_KINDS = {kind: dataclasses.replace(kind, label=f"{kind.label}+principal", principal=True)
+                  for kind in (QUANT_4BIT, QUANT_INT8)}
+
+
+def principal_part(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """B·A·x, the float part of a residual base's output, in ``like``'s dtype."""
+    return F.linear(F.linear(x.to(A.dtype), A), B).to(like.dtype)
 
 
 def numel(parameter: torch.Tensor) -> int:

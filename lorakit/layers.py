@@ -14,12 +14,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit import routing
 from lorakit.errors import ConfigError, AdapterExistsError, MergeError
-from lorakit.kinds import LINEAR, LayerKind, canonical, layer_kind
+from lorakit.kinds import LINEAR, RESIDUAL_KINDS, LayerKind, canonical, layer_kind, principal_part
 from lorakit.methods.base import LayerSpec, adapter_dtype
 
 
@@ -116,7 +115,7 @@ class AdaptedLayer(nn.Module):
         self.register_buffer("original_weight", None, persistent=False)  # kept while merged
         # While merged on a quantized base: (its kind, its quantized weight), see merge.
         self.quantized: tuple[LayerKind, nn.Parameter] | None = None
-        # QPiSSA: the base is quantize(W − P) + P, the low-rank P = principal_B·principal_A kept in float.
+        # A residual base's (QPiSSA, see LayerKind.principal) low-rank P = principal_B·principal_A, in float.
         self.register_buffer("principal_A", None)  # (r, d_in)
         self.register_buffer("principal_B", None)  # (d_out, r)
 
@@ -127,13 +126,18 @@ class AdaptedLayer(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """The unmerged base weight in canonical layout, float32 (detached)."""
-        weight = canonical(*self._unmerged_base())
-        return weight if self.principal_A is None else weight + self.principal_B.float() @ self.principal_A.float()
+        kind, base, weight = self._unmerged_base()
+        weight = canonical(kind, base, weight)
+        return weight + self._principal() if kind.principal else weight
+
+    def _principal(self) -> torch.Tensor:
+        """A residual base's float part P = B·A, float32, (d_out, d_in)."""
+        return self.principal_B.float() @ self.principal_A.float()
 
     def _base_forward(self, kind: LayerKind, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out = kind.forward(self.base, x, weight, self.bias)
-        if self.principal_A is not None and kind.dequantize is not None:  # not once merged: P is in the float copy
-            out = out + F.linear(F.linear(x.to(self.principal_A.dtype), self.principal_A), self.principal_B).to(out.dtype)
+        if kind.principal:  # not once merged: the merged kind is a float copy that holds P already
+            out = out + principal_part(x, self.principal_A, self.principal_B, out)
         return out
 
     def _unmerged_base(self) -> tuple[LayerKind, nn.Module, torch.Tensor]:
@@ -192,11 +196,12 @@ class AdaptedLayer(nn.Module):
     def replace_base(self, base: nn.Module, principal: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Put ``base`` (a quantized copy of the base layer, see lk.quantize) under the adapters.
 
-        ``principal`` = (A, B): the base computes base(x) + B·A·x, a part of W kept in float (QPiSSA).
+        ``principal`` = (A, B): the base computes base(x) + B·A·x, a part of W kept in float (QPiSSA's
+        residual base, a kind of its own).
         """
         if self.merged:
             raise MergeError(f"{self.path} has merged adapters; lk.unmerge(model) before replacing its base")
-        self.kind = layer_kind(base)
+        self.kind = layer_kind(base) if principal is None else RESIDUAL_KINDS[layer_kind(base)]
         self.weight = base.weight
         del base.weight
         if "bias" in base._parameters:
@@ -279,8 +284,8 @@ class AdaptedLayer(nn.Module):
             # becomes a plain linear on a dequantized copy, and keeps the quantized weight for unmerge.
             self.quantized = (self.kind, self.weight)
             weight = self.kind.dequantize(self.base, self.weight)
-            if self.principal_A is not None:
-                delta = delta + self.principal_B.float() @ self.principal_A.float()
+            if self.kind.principal:
+                delta = delta + self._principal()
             self.weight = nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
             self.kind = LINEAR
         else:
@@ -321,7 +326,7 @@ class AdaptedLayer(nn.Module):
 
         A quantized base merged into a float copy comes back as a plain ``nn.Linear``.
         """
-        if self.principal_A is not None and self.quantized is None:
+        if self.kind.principal:
             raise MergeError(f"{self.path}: a QPiSSA base keeps part of its weight in float beside the quantized "
                              "residual; no bitsandbytes layer holds both: lk.unload(model, merge=True)")
         base = self.base

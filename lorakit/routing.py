@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.methods.base import add_update
 
 
 class RoutingCache:
@@ -71,7 +72,7 @@ def forward(layer, x: torch.Tensor, out: torch.Tensor, route: list, active: list
             h = h * (torch.rand_like(h) < keep) / keep
         h = torch.bmm(h, A_rows.transpose(1, 2))  # (b, T, R)
     delta = torch.bmm(h, B_rows.transpose(1, 2))  # (b, T, d_out)
-    return out + delta.view(out.shape).to(out.dtype)
+    return add_update(out, delta.view(out.shape))
 
 
 def _plan(layer, device: torch.device, every: tuple | None, route: list | None = None) -> tuple:
