@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 from torch import nn
 
 from lorakit.errors import AdapterExistsError, ConfigError, MergeError, TargetNotFoundError, UnsupportedLayerError
-from lorakit.kinds import layer_kind
+from lorakit.kinds import kind_of
 from lorakit.layers import AdaptedLayer, adapted_layers, spec_of
 from lorakit.methods.base import Method, check_finite
 from lorakit.methods.lora import LoRA
@@ -40,15 +40,10 @@ def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
             yield from walk(child, path)
 
 
-def kind_of(module: nn.Module):
-    """The LayerKind of a plain or already adapted module (None if it cannot be adapted)."""
-    return module.kind if isinstance(module, AdaptedLayer) else layer_kind(module)
-
-
 def is_linear(module: nn.Module) -> bool:
     """A linear layer of any storage: nn.Linear, GPT-2's Conv1D, a bitsandbytes 4/8-bit Linear."""
     kind = kind_of(module)
-    return kind is not None and kind.kind == "linear"
+    return kind is not None and kind.layout == "linear"
 
 
 def matches(path: str, targets: Targets) -> bool:
@@ -177,7 +172,7 @@ def attach(model: nn.Module, name: str, built: Mapping[str, tuple], trained: Map
     for path, (recipe, adapter) in built.items():
         module = model.get_submodule(path)
         if not isinstance(module, AdaptedLayer):
-            module = AdaptedLayer(module, layer_kind(module), path).train(module.training)
+            module = AdaptedLayer(module, kind_of(module), path).train(module.training)
             parent, _, leaf = path.rpartition(".")
             setattr(model.get_submodule(parent), leaf, module)
         module.add(name, adapter.train(module.training), recipe)  # an eval-mode model stays in eval mode

@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorakit import registry
-from lorakit.adapt import attach, check_regex, kind_of, matches, walk
+from lorakit.adapt import attach, check_regex, matches, walk
+from lorakit.kinds import kind_of
 from lorakit.errors import (AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, LorakitError,
                             ShapeMismatchError)
 from lorakit.layers import adapted_layers, spec_of

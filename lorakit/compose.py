@@ -61,7 +61,7 @@ def _linear(layer: AdaptedLayer, weights: Mapping[str, float], rank, density):
     As, Bs = [], []
     for n, w in weights.items():
         factors = layer.adapters[n].factors()
-        if factors is None or layer.kind.kind == "conv":
+        if factors is None or layer.kind.layout == "conv":
             raise ConfigError(f"{layer.path}: adapter {n!r} ({type(layer.recipes[n]).__name__}) has no low-rank "
                               "factors to concatenate; use how='svd'")
         A, B, s = factors
@@ -113,7 +113,7 @@ def _interpolate(layer: AdaptedLayer, weights: Mapping[str, float], rank, densit
 
 def lora_from_delta(layer: AdaptedLayer, delta: torch.Tensor, rank: int):
     """(recipe, adapter): the plain LoRA (scale 1) best approximating ``delta`` (canonical layout) at ``rank``."""
-    kind = layer.kind.kind
+    kind = layer.kind.layout
     matrix = delta.t() if kind == "embedding" else delta.flatten(1)  # (rows the B side, columns the A side)
     rank = min(rank, *matrix.shape)
     U, S, Vh = torch.linalg.svd(matrix.float(), full_matrices=False)

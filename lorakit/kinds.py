@@ -28,7 +28,7 @@ from lorakit.errors import LorakitError
 class LayerKind:
     """How one base layer type is adapted: its canonical layout, forward and geometry."""
 
-    kind: str  # canonical layout the methods see: "linear" | "conv" | "embedding"
+    layout: str  # canonical layout the methods see: "linear" | "conv" | "embedding"
     forward: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
     sizes: Callable[[nn.Module], tuple[int, int]]  # (d_in, d_out)
     # Plain attributes model code reads off these layers (e.g. embed_tokens.padding_idx).
@@ -265,8 +265,11 @@ def numel(parameter: torch.Tensor) -> int:
 
 
 
-def layer_kind(module: nn.Module) -> LayerKind | None:
-    """The LayerKind for a module, or None if no method can adapt it."""
+def kind_of(module: nn.Module) -> LayerKind | None:
+    """The LayerKind of a module: an adapted layer's own, else how its type is adapted (None: not adaptable)."""
+    own = module.__dict__.get("kind")
+    if isinstance(own, LayerKind):  # an AdaptedLayer
+        return own
     if type(module).__name__ in _REFUSED:
         return None
     # bitsandbytes layers subclass nn.Linear: told apart by their weight's type, whoever built them.

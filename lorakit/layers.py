@@ -18,21 +18,21 @@ from torch import nn
 
 from lorakit import routing
 from lorakit.errors import ConfigError, AdapterExistsError, MergeError
-from lorakit.kinds import LINEAR, RESIDUAL_KINDS, LayerKind, canonical, layer_kind, principal_part
+from lorakit.kinds import LINEAR, RESIDUAL_KINDS, LayerKind, canonical, kind_of, principal_part
 from lorakit.methods.base import LayerSpec, adapter_dtype
 
 
 def _make_spec(base: nn.Module, kind: LayerKind, weight: torch.Tensor, holder) -> LayerSpec:
     d_in, d_out = kind.sizes(base)
     extra = {}
-    if kind.kind == "conv":
+    if kind.layout == "conv":
         extra = dict(kernel_size=tuple(base.kernel_size), stride=tuple(base.stride), padding=base.padding,
                      dilation=tuple(base.dilation), groups=base.groups, padding_mode=base.padding_mode,
                      reversed_padding=tuple(base._reversed_padding_repeated_twice))
-    elif kind.kind == "embedding":
+    elif kind.layout == "embedding":
         extra = dict(padding_idx=base.padding_idx)
     dtype = torch.float32 if kind.dequantize else adapter_dtype(weight.dtype)  # adapters on a quantized base
-    return LayerSpec(kind=kind.kind, d_in=d_in, d_out=d_out, device=weight.device,
+    return LayerSpec(layout=kind.layout, d_in=d_in, d_out=d_out, device=weight.device,
                      dtype=dtype, base=holder, source=weight, **extra)
 
 
@@ -53,7 +53,7 @@ def spec_of(module: nn.Module) -> LayerSpec:
     """The LayerSpec of a plain (adaptable) or already adapted module."""
     if isinstance(module, AdaptedLayer):
         return module.spec()
-    kind, weight = layer_kind(module), module.weight
+    kind, weight = kind_of(module), module.weight
     return _make_spec(module, kind, weight, PlainBase(kind, module, weight))
 
 
@@ -201,7 +201,7 @@ class AdaptedLayer(nn.Module):
         """
         if self.merged:
             raise MergeError(f"{self.path} has merged adapters; lk.unmerge(model) before replacing its base")
-        self.kind = layer_kind(base) if principal is None else RESIDUAL_KINDS[layer_kind(base)]
+        self.kind = kind_of(base) if principal is None else RESIDUAL_KINDS[kind_of(base)]
         self.weight = base.weight
         del base.weight
         if "bias" in base._parameters:
@@ -257,7 +257,7 @@ class AdaptedLayer(nn.Module):
         if not adapter.needs_base:
             return adapter(x, out)
         if self.bias is not None:
-            base = base - self.bias.view(-1, *(1,) * (base.dim() - 2)) if self.kind.kind == "conv" else base - self.bias
+            base = base - self.bias.view(-1, *(1,) * (base.dim() - 2)) if self.kind.layout == "conv" else base - self.bias
         return adapter(x, out, base=base)
 
     # --- merging ------------------------------------------------------------------------------

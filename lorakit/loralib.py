@@ -191,7 +191,7 @@ class Linear(_AdapterMath, _MergesOnEval, nn.Linear):
         if fan_in_fan_out:
             self.weight.data = self.weight.data.t()  # (in, out)
         if r > 0:
-            spec = LayerSpec(kind="linear", d_in=in_features, d_out=out_features, device=self.weight.device,
+            spec = LayerSpec(layout="linear", d_in=in_features, d_out=out_features, device=self.weight.device,
                              dtype=self.weight.dtype)
             self._attach_adapter(spec, lora_dropout)
             self.weight.requires_grad = False
@@ -228,7 +228,7 @@ class Embedding(_AdapterMath, _MergesOnEval, nn.Embedding):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         self._init_lora(r, lora_alpha, 0.0, merge_weights)
         if r > 0:
-            spec = LayerSpec(kind="embedding", d_in=num_embeddings, d_out=embedding_dim, device=self.weight.device,
+            spec = LayerSpec(layout="embedding", d_in=num_embeddings, d_out=embedding_dim, device=self.weight.device,
                              dtype=self.weight.dtype, padding_idx=self.padding_idx)
             self._attach_adapter(spec, 0.0)
             self.weight.requires_grad = False

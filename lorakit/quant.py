@@ -27,7 +27,7 @@ from torch import nn
 
 from lorakit.adapt import matches, walk
 from lorakit.errors import ConfigError, TargetNotFoundError, UnsupportedLayerError
-from lorakit.kinds import LINEAR, int8_state, layer_kind, load_bitsandbytes
+from lorakit.kinds import LINEAR, int8_state, kind_of, load_bitsandbytes
 from lorakit.layers import AdaptedLayer
 
 MODES = ("nf4", "fp4", "int8")
@@ -96,7 +96,7 @@ def quantize(model: nn.Module, mode: str = "nf4", *, compute_dtype: torch.dtype 
 def _swap(model: nn.Module, mode: str, compute_dtype, double_quant: bool, blocksize: int, skip, targets) -> None:
     """Replace the chosen linear layers (or adapted layers' bases) by quantized ones."""
     candidates = list(walk(model))
-    chosen = [(p, m) for p, m in candidates if (m.kind if isinstance(m, AdaptedLayer) else layer_kind(m)) is LINEAR
+    chosen = [(p, m) for p, m in candidates if kind_of(m) is LINEAR
               and (targets is None or matches(p, targets)) and not matches(p, list(skip))]
     if not chosen:
         raise TargetNotFoundError(targets or "every nn.Linear", [p for p, _ in candidates])

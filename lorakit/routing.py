@@ -62,7 +62,7 @@ def forward(layer, x: torch.Tensor, out: torch.Tensor, route: list, active: list
     A, B, p = stacks
     A_rows, B_rows = A[index], B[index]  # (b, R, d_in), (b, d_out, R)
     b = x.shape[0]
-    if layer.kind.kind == "embedding":
+    if layer.kind.layout == "embedding":
         h = A.transpose(1, 2)[index.view(b, *(1,) * (x.dim() - 1)), x]  # (b, *, R): per-row lookup
         h = h.reshape(b, -1, h.shape[-1])
     else:

@@ -72,7 +72,7 @@ for _name in registry.names():
 
 def _adapts_convs(method) -> bool:
     """Whether ``method`` builds on a conv layer (methods on a 2-D weight's SVD refuse other kinds)."""
-    spec = LayerSpec(kind="conv", d_in=4, d_out=4, device=torch.device("meta"), dtype=torch.float32,
+    spec = LayerSpec(layout="conv", d_in=4, d_out=4, device=torch.device("meta"), dtype=torch.float32,
                      kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1))
     try:
         method.build(spec)

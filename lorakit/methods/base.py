@@ -39,7 +39,7 @@ class BaseWeight(Protocol):
 class LayerSpec:
     """What a method needs to know about the layer it adapts: plain data, and where its base weight is read."""
 
-    kind: str  # "linear" | "conv" | "embedding"
+    layout: str  # "linear" | "conv" | "embedding"
     d_in: int  # in_features, in_channels or num_embeddings
     d_out: int  # out_features, out_channels or embedding_dim
     device: torch.device
@@ -60,7 +60,7 @@ class LayerSpec:
         """The frozen base weight in canonical layout, float32; for methods built on it (SVD, DoRA's norm)."""
         if self.base is None:  # a spec of shapes only: a meta tensor of the canonical shape
             shape = {"linear": (self.d_out, self.d_in), "embedding": (self.d_in, self.d_out),
-                     "conv": (self.d_out, self.d_in // self.groups, *self.kernel_size)}[self.kind]
+                     "conv": (self.d_out, self.d_in // self.groups, *self.kernel_size)}[self.layout]
             return torch.zeros(shape, device="meta")
         return self.base.base_weight()
 
@@ -76,7 +76,7 @@ class LayerSpec:
 
 def shape_spec(d_out: int, d_in: int) -> LayerSpec:
     """A linear layer's spec on the meta device, no weight behind it: what an adapter of that shape holds."""
-    return LayerSpec(kind="linear", d_in=d_in, d_out=d_out, device=torch.device("meta"), dtype=torch.float32)
+    return LayerSpec(layout="linear", d_in=d_in, d_out=d_out, device=torch.device("meta"), dtype=torch.float32)
 
 
 class Adapter(nn.Module):
@@ -204,8 +204,8 @@ def check_finite(recipe: Any) -> None:
 
 def check_linear(owner: str, spec: LayerSpec, rank: int | None = None) -> None:
     """Raise unless ``spec`` is a linear layer (methods built on a 2-D weight's SVD) with ``rank`` <= min(d)."""
-    if spec.kind != "linear":
-        raise UnsupportedLayerError(f"{owner} adapts linear layers, not {spec.kind} layers")
+    if spec.layout != "linear":
+        raise UnsupportedLayerError(f"{owner} adapts linear layers, not {spec.layout} layers")
     if rank is not None and rank > min(spec.d_in, spec.d_out):
         raise ConfigError(f"{owner}: rank {rank} exceeds the layer's {spec.d_out}x{spec.d_in} weight")
 

@@ -56,7 +56,7 @@ class DoRAAdapter(Adapter):
 
     def __init__(self, spec: LayerSpec, rank: int, scale: float, dropout: float, init: bool = True):
         super().__init__()
-        if spec.kind == "conv" and spec.groups > 1:
+        if spec.layout == "conv" and spec.groups > 1:
             raise MergeError("DoRA needs the full update B·A, which a grouped conv's LoRA cannot form")
         self.spec, self.scale = spec, scale
         self.lora = LoRAAdapter(spec, rank, scale, dropout, init)
@@ -71,17 +71,17 @@ class DoRAAdapter(Adapter):
         """n = per-row ‖W + s·B·A‖₂ in float32 (no gradient flows through it)."""
         W = self.spec.weight()
         A, B, s = self.lora.lora_A.float(), self.lora.lora_B.float(), self.scale
-        if self.spec.kind == "linear":
+        if self.spec.layout == "linear":
             WA = W @ A.t()  # (d_out, r)
             squared = W.pow(2).sum(1) + 2 * s * (B * WA).sum(1) + s * s * ((B @ (A @ A.t())) * B).sum(1)
             return squared.clamp_min(0).sqrt()
-        if self.spec.kind == "embedding":
+        if self.spec.layout == "embedding":
             return (W + self.lora.delta_weight()).norm(dim=0)  # (dim,): over the vocabulary
         return (W + self.lora.delta_weight()).flatten(1).norm(dim=1)
 
     def _feature_view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``v`` (d_out,) shaped to broadcast over ``like``'s feature axis (last, or 1 for convs)."""
-        return v.view(-1, *(1,) * (like.dim() - 2)) if self.spec.kind == "conv" else v
+        return v.view(-1, *(1,) * (like.dim() - 2)) if self.spec.layout == "conv" else v
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         dropout = self.lora.dropout
@@ -89,7 +89,7 @@ class DoRAAdapter(Adapter):
             x = dropout(x)
             if self.training:  # the rescaled base term must see the same dropped-out input (as PEFT)
                 W = self.spec.weight().to(x.dtype)
-                base = self.spec.conv(x, W) if self.spec.kind == "conv" else F.linear(x, W)
+                base = self.spec.conv(x, W) if self.spec.layout == "conv" else F.linear(x, W)
         g = self._feature_view(self.magnitude / self.weight_norm().to(self.magnitude.dtype), out)  # m/n
         return add_update(out, (g - 1) * base.to(g.dtype) + g * self.lora.update(x))
 
@@ -97,12 +97,12 @@ class DoRAAdapter(Adapter):
         """ΔW = (m/n)·(W + s·B·A) − W, float32."""
         W = self.spec.weight()
         g = self.magnitude.float() / self.weight_norm()
-        shape = (1, -1) if self.spec.kind == "embedding" else (-1, *(1,) * (W.dim() - 1))
+        shape = (1, -1) if self.spec.layout == "embedding" else (-1, *(1,) * (W.dim() - 1))
         return g.view(shape) * (W + self.lora.delta_weight()) - W
 
     def export(self) -> dict[str, torch.Tensor]:
         """PEFT's keys; a conv's magnitude is stored as PEFT stores it, (1, out, 1, ...)."""
         magnitude = self.magnitude
-        if self.spec.kind == "conv":
+        if self.spec.layout == "conv":
             magnitude = magnitude.view(1, -1, *(1,) * len(self.spec.kernel_size))
         return {**self.lora.export(), "lora_magnitude_vector": magnitude}

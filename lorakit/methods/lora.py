@@ -89,13 +89,13 @@ class LoRAAdapter(Adapter):
 
     def __init__(self, spec: LayerSpec, rank: int, scale: float, dropout: float, init: bool = True):
         super().__init__()
-        if spec.kind == "conv" and rank % spec.groups:
+        if spec.layout == "conv" and rank % spec.groups:
             raise ConfigError(f"LoRA on a conv with groups={spec.groups} needs a rank divisible by it, got {rank}")
         self.spec, self.rank, self.scale, self.dropout_p = spec, rank, scale, dropout
         # Dropout is applied to the input of the low-rank branch only; skipped entirely when p=0.
-        self.dropout = nn.Dropout(dropout) if dropout > 0 and spec.kind != "embedding" else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and spec.layout != "embedding" else None
         factory = dict(device=spec.device, dtype=spec.dtype)
-        if spec.kind == "conv":
+        if spec.layout == "conv":
             self.lora_A = nn.Parameter(torch.empty(rank, spec.d_in, *spec.kernel_size, **factory))
             self.lora_B = nn.Parameter(torch.empty(spec.d_out, rank // spec.groups, *(1,) * len(spec.kernel_size), **factory))
         else:
@@ -106,7 +106,7 @@ class LoRAAdapter(Adapter):
 
     def reset_parameters(self) -> None:
         """LoRA's init: the update starts at exactly zero."""
-        if self.spec.kind == "embedding":
+        if self.spec.layout == "embedding":
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
         else:
@@ -116,7 +116,7 @@ class LoRAAdapter(Adapter):
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """s·B·(A·x) for an input that has been through dropout already; the layer's output shape."""
-        A, B, kind = self.lora_A, self.lora_B, self.spec.kind
+        A, B, kind = self.lora_A, self.lora_B, self.spec.layout
         if kind == "embedding":
             return (F.embedding(x, A.t(), padding_idx=self.spec.padding_idx) * self.scale) @ B.t()  # via (..., r)
         x = x.to(A.dtype)
@@ -129,7 +129,7 @@ class LoRAAdapter(Adapter):
         if self.dropout is not None:
             x = self.dropout(x)
         A = self.lora_A
-        if self.spec.kind != "linear":
+        if self.spec.layout != "linear":
             return add_update(base_out, self.update(x))
         # Scale the rank-r intermediate (cheap) and fuse "+ base_out" into the second matmul.
         return add_low_rank(base_out, F.linear(x.to(A.dtype), A) * self.scale, self.lora_B)
@@ -137,9 +137,9 @@ class LoRAAdapter(Adapter):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·B·A in the layer's canonical layout, float32."""
         A, B = self.lora_A.float(), self.lora_B.float()
-        if self.spec.kind == "embedding":
+        if self.spec.layout == "embedding":
             return (B @ A).t() * self.scale  # (num_embeddings, dim)
-        if self.spec.kind == "conv":
+        if self.spec.layout == "conv":
             if self.spec.groups > 1:
                 raise MergeError("LoRA on a grouped conv (groups > 1) mixes channels across groups and cannot be merged")
             return (B.flatten(1) @ A.flatten(1)).view(B.shape[0], *A.shape[1:]) * self.scale
@@ -147,10 +147,10 @@ class LoRAAdapter(Adapter):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(A, B, s) for batched per-row routing; None where routing must fall back (conv)."""
-        return None if self.spec.kind == "conv" else (self.lora_A, self.lora_B, self.scale)
+        return None if self.spec.layout == "conv" else (self.lora_A, self.lora_B, self.scale)
 
     def export(self) -> dict[str, torch.Tensor]:
         """Tensors under PEFT's key suffixes."""
-        if self.spec.kind == "embedding":
+        if self.spec.layout == "embedding":
             return {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
