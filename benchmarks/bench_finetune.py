@@ -52,8 +52,9 @@ def run_peft(steps: int, out: str) -> dict:
     model, tokenizer = models.load()
     train, held_out = tasks.split("date", config.train_examples, config.eval_examples, 0)
     examples = data.tokenize([{"messages": e.messages()} for e in train], tokenizer, config.max_length).examples
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    recipe = config.recipe()  # the default job's LoRA (r=16, alpha=32), for PEFT too
+    model = get_peft_model(model, LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
+                                             target_modules=config.targets, task_type="CAUSAL_LM"))
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=steps, learning_rate=2e-3,
                              warmup_steps=6, lr_scheduler_type="cosine", max_grad_norm=1.0, weight_decay=0.0,
                              logging_steps=10, save_strategy="no", report_to=[], seed=0, use_cpu=True,

@@ -21,18 +21,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lorakit as lk
 
 VOCAB = 128
-METHODS = {  # name: (recipe, learning rate)
-    "LoRA r=8": (lk.LoRA(rank=8, alpha=16), 1e-2),
-    "rsLoRA r=8": (lk.LoRA(rank=8, alpha=16, rslora=True), 1e-2),
-    "DoRA r=8": (lk.DoRA(rank=8, alpha=16), 1e-2),
-    "PiSSA r=8": (lk.PiSSA(rank=8), 1e-2),
-    "PiSSA r=8 niter=4": (lk.PiSSA(rank=8, niter=4), 1e-2),
-    "MiLoRA r=8": (lk.MiLoRA(rank=8), 1e-2),
-    "LoRA-XS r=8": (lk.LoRAXS(rank=8), 1e-1),
-    "SVF": (lk.SVF(), 5e-2),
-    "SVFT plain": (lk.SVFT(), 5e-2),
-    "SVFT banded d=2": (lk.SVFT(pattern="banded", width=2), 5e-2),
-    "AdaLoRA 12→8": (None, 1e-2),  # built per run: it needs the number of steps
+METHODS = {  # name: (recipe class, settings, learning rate)
+    "LoRA r=8": (lk.LoRA, dict(rank=8, alpha=16), 1e-2),
+    "rsLoRA r=8": (lk.LoRA, dict(rank=8, alpha=16, rslora=True), 1e-2),
+    "DoRA r=8": (lk.DoRA, dict(rank=8, alpha=16), 1e-2),
+    "PiSSA r=8": (lk.PiSSA, dict(rank=8), 1e-2),
+    "PiSSA r=8 niter=4": (lk.PiSSA, dict(rank=8, niter=4), 1e-2),
+    "MiLoRA r=8": (lk.MiLoRA, dict(rank=8), 1e-2),
+    "LoRA-XS r=8": (lk.LoRAXS, dict(rank=8), 1e-1),
+    "SVF": (lk.SVF, {}, 5e-2),
+    "SVFT plain": (lk.SVFT, {}, 5e-2),
+    "SVFT banded d=2": (lk.SVFT, dict(pattern="banded", width=2), 5e-2),
+    "AdaLoRA 12→8": (lk.AdaLoRA, dict(init_rank=12, target_rank=8), 1e-2),
 }
 
 
@@ -45,9 +45,8 @@ def model_and_data(seed: int = 0):
 
 
 def run(name: str, steps: int) -> dict:
-    recipe, lr = METHODS[name]
-    if recipe is None:
-        recipe = lk.AdaLoRA(init_rank=12, target_rank=8, total_steps=steps, tinit=steps // 10, tfinal=steps // 5)
+    method, settings, lr = METHODS[name]
+    recipe = method(**{**method.training_defaults(steps), **settings})  # a schedule's length: this run's (AdaLoRA)
     model, data = model_and_data()
     lk.adapt(model, recipe, "all-linear")
     trainable = sum(p.numel() for p in lk.trainable_parameters(model))

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 from lorakit.errors import ConfigError
+from lorakit.methods.base import Method, shape_spec
 
 
-def trainable_count(method: str, d_out: int, d_in: int, rank: int = 8, width: int = 0) -> int:
-    """Trainable numbers one adapter of ``method`` adds to a d_out × d_in weight (METHODS.md formulas)."""
-    n = min(d_out, d_in)
-    d = min(width, n - 1)
-    counts = {
-        "lora": rank * (d_in + d_out), "rslora": rank * (d_in + d_out), "pissa": rank * (d_in + d_out),
-        "milora": rank * (d_in + d_out), "dora": rank * (d_in + d_out) + d_out, "lora_xs": rank * rank,
-        "svf": n, "svft": n * (2 * d + 1) - d * (d + 1), "adalora": rank * (d_in + d_out + 1),
-    }
-    if method not in counts:
-        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(counts)}")
-    return counts[method]
+def trainable_numel(recipe: Method, d_out: int, d_in: int) -> int:
+    """Trainable numbers one adapter of ``recipe`` adds to a d_out × d_in linear weight: the adapter itself,
+    built on the meta device (no memory, no weight, no SVD), its trainable parameters counted."""
+    adapter = recipe.build(shape_spec(d_out, d_in))
+    return sum(p.numel() for p in adapter.parameters() if p.requires_grad)
 
 
 def parse_shape(text: str) -> tuple[int, int]:

@@ -2,14 +2,20 @@
 
 Every flag comes from a typed config dataclass (``lorakit/train/config.py``): its field name, type,
 default and help. ``--config file.yaml`` sets any of them; flags given on the command line win.
+
+The commands that build a method (``finetune``, ``params``) parse in two phases: first the method
+(``--method``, else ``method:`` in the ``--config`` YAML, else the default), then its settings, one flag
+per field of its recipe (``lorakit.registry.options``: type, choices, default, attribute docstring).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
+from lorakit import registry
 from lorakit.errors import LorakitError
 from lorakit.train import config as cfg
 
@@ -21,6 +27,8 @@ def _add_fields(parser: argparse.ArgumentParser, config_cls) -> None:
     for f in cfg.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if f.name == "method":
+            help_text = f"{f.metadata['help']}: {', '.join(registry.names())} (default: {f.default!r})"
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
@@ -29,6 +37,64 @@ def _add_fields(parser: argparse.ArgumentParser, config_cls) -> None:
                                 help=help_text, metavar=None if choices else f.name.upper())
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
                         help="YAML file of settings (flag names, with - or _); flags given here win")
+
+
+def _add_method_options(parser: argparse.ArgumentParser, command: str, config_cls, method: str) -> None:
+    """One flag per setting of ``method`` (``cfg.option_keys``), in a group of their own."""
+    entry = registry.entry(method)
+    group = parser.add_argument_group(f"{method} options (lorakit {command} --method M --help shows M's)",
+                                      f"{entry.recipe.__name__}: {entry.summary}")
+    defaults = config_cls.method_defaults(method)
+    scheduled = set(entry.recipe.training_defaults(cfg.FinetuneConfig.steps))
+    for key, o in cfg.option_keys(method).items():
+        default = defaults.get(o.name, o.default)
+        shown = "none" if default is None else repr(default)
+        if o.name in scheduled:
+            steps = cfg.FinetuneConfig.steps
+            shown = (f"set from --steps; {shown} at its default {steps}" if config_cls is cfg.FinetuneConfig
+                     else f"{shown}, as for a {steps}-step run")
+        help_text = f"{o.help}{'; none unsets it' if o.optional else ''} (default: {shown})"
+        flag = "--" + key.replace("_", "-")
+        if o.type is bool:
+            group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+            continue
+        choices = None if o.choices is None else (*o.choices, *((None,) if o.optional else ()))
+        metavar = key.upper() + ("|none" if o.optional else "")
+        if o.choices:
+            metavar = "{" + ",".join(map(str, o.choices)) + (",none" if o.optional else "") + "}"
+        group.add_argument(flag, dest=key, type=_flag_type(o), choices=choices, default=argparse.SUPPRESS,
+                           help=help_text, metavar=metavar)
+
+
+def _flag_type(o: registry.Option) -> Callable[[str], object]:
+    """The argparse type of setting ``o``: its type, the YAML config's reading of it, and ``none`` as None
+    where the setting allows it."""
+    def read(text: str):
+        if o.optional and text.lower() == "none":
+            return None
+        return cfg.as_kind(o.type, text)
+
+    read.__name__ = o.type.__name__  # argparse's "invalid int value: 'x'"
+    return read
+
+
+def chosen_method(config_cls, args: Sequence[str]) -> str:
+    """The method a command line picks: ``--method``, else ``method:`` in its ``--config`` YAML, else the
+    default; a ConfigError listing the registered ones when it names none."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--method")
+    pre.add_argument("--config")
+    given, _ = pre.parse_known_args(list(args))
+    method, where = given.method, "--method"
+    if method is None and given.config is not None:
+        method, where = cfg.load_yaml(given.config).get("method"), given.config
+    if method is None:
+        return next(f for f in cfg.fields(config_cls) if f.name == "method").default
+    try:
+        return registry.entry(str(method)).name
+    except cfg.ConfigError as e:
+        raise cfg.ConfigError(f"{where}: {e}") from None
 
 
 def build_config(config_cls, args: argparse.Namespace):
@@ -59,6 +125,10 @@ def cmd_finetune(config: cfg.FinetuneConfig) -> int:
     return 0
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def _model_with_adapter(config):
     """(model on --device in eval mode, tokenizer, prompt format) with --adapter loaded if given; the prompt
     format is the one the adapter was trained on, None where unknown (no adapter, or one trained elsewhere)."""
@@ -77,7 +147,7 @@ def cmd_eval(config: cfg.EvalConfig) -> int:
     from lorakit.train.trainer import accuracy, evaluation_pairs, merge_for_inference, split_records
 
     model, tokenizer, prompt_format = _model_with_adapter(config)
-    merge_for_inference(model)  # inference only: the base's speed
+    merge_for_inference(model, _say)  # inference only: the base's speed
     _, held_out = split_records(config, train_examples=0)  # the held-out split does not depend on it
     evaluation = evaluation_pairs(held_out, prompt_format, config.eval_examples)
     score, _ = accuracy(model, tokenizer, evaluation, config)
@@ -91,7 +161,7 @@ def cmd_generate(config: cfg.ChatConfig) -> int:
     from lorakit.train.trainer import generate, merge_for_inference
 
     model, tokenizer, prompt_format = _model_with_adapter(config)
-    merge_for_inference(model)
+    merge_for_inference(model, _say)
     prompt_format = prompt_format or "chat"  # asked as the adapter was trained; unknown: a chat model
     if config.prompt:
         print(generate(model, tokenizer, [in_format(config.prompt, prompt_format)], config.max_new_tokens, 1)[0])
@@ -137,19 +207,22 @@ def cmd_merge(config: cfg.MergeConfig) -> int:
 
 
 def cmd_params(config: cfg.ParamsConfig) -> int:
-    from lorakit.analysis import parse_shape, trainable_count, training_memory_bytes
+    from lorakit.analysis import parse_shape, trainable_numel, training_memory_bytes
 
     config.check()
+    recipe = config.recipe()
+    rank = recipe.rank if "rank" in {f.name for f in dataclasses.fields(recipe)} else None
     total_trainable = total_full = 0
     for text in config.shape.split(","):
         d_out, d_in = parse_shape(text.strip())
-        if config.method not in ("svf", "svft") and config.rank > min(d_out, d_in):
-            raise cfg.ConfigError(f"--rank {config.rank} is more than min(d_out, d_in) = {min(d_out, d_in)} of "
-                                  f"{d_out}x{d_in}: an update of that shape has rank at most {min(d_out, d_in)}")
-        trainable = trainable_count(config.method, d_out, d_in, config.rank) * config.count
+        most = min(d_out, d_in)
+        if rank is not None and rank > most:
+            raise cfg.ConfigError(f"{cfg.flag_of(config.method, 'rank')} {rank} is more than min(d_out, d_in) = "
+                                  f"{most} of {d_out}x{d_in}: an update of that shape has rank at most {most}")
+        trainable = trainable_numel(recipe, d_out, d_in) * config.count
         full = d_out * d_in * config.count
         total_trainable, total_full = total_trainable + trainable, total_full + full
-        print(f"{d_out}x{d_in} x{config.count}: {config.method} r={config.rank} trains {trainable:,} "
+        print(f"{d_out}x{d_in} x{config.count}: {recipe!r} trains {trainable:,} "
               f"vs {full:,} for full fine-tuning ({100 * trainable / full:.4f}%)")
     mib = 2 ** 20
     print(f"total: {total_trainable:,} trainable vs {total_full:,} full")
@@ -170,25 +243,35 @@ COMMANDS: dict[str, tuple[type, Callable, str, bool]] = {
 }
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The ``lorakit`` parser. A command that builds a method has the options of the method ``argv`` picks for
+    it (``chosen_method``: a ConfigError for an unknown one), the default method's for the others."""
     top = argparse.ArgumentParser(prog="lorakit", description="LoRA and its SVD-based successors: fine-tune, "
                                   "evaluate, chat, merge, count. `lorakit COMMAND --help` explains every option.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    given = list(argv)
     for name, (config_cls, _, help_text, _) in COMMANDS.items():
-        _add_fields(sub.add_parser(name, help=help_text, description=help_text), config_cls)
+        # No abbreviated flags: the options differ by method, so a prefix could mean another flag per method.
+        command = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        _add_fields(command, config_cls)
+        if cfg.takes_method(config_cls):
+            method = chosen_method(config_cls, given[1:] if given[:1] == [name] else [])
+            _add_method_options(command, name, config_cls, method)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    config_cls, run, _, needs_training_packages = COMMANDS[args.command]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv else ""
     try:
+        args = parser(argv).parse_args(argv)
+        config_cls, run, _, needs_training_packages = COMMANDS[args.command]
         config = build_config(config_cls, args)
         if needs_training_packages:
             _ensure_training_packages()
         return run(config)
     except LorakitError as e:
-        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        print(f"lorakit {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

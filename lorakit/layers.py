@@ -69,17 +69,17 @@ def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
     return found
 
 
-def find_layers(module: nn.Module, path: str, seen: set[int], found: list, kinds) -> None:
-    """Append (path, module) for each module of type ``kinds`` at or under ``module`` (at ``path``) to ``found``."""
+def find_layers(module: nn.Module, path: str, seen: set[int], found: list, types) -> None:
+    """Append (path, module) for each module of one of ``types`` at or under ``module`` (at ``path``) to ``found``."""
     if id(module) in seen:  # a module registered twice counts once, at its first path, as in named_modules
         return
     seen.add(id(module))
-    if isinstance(module, kinds):
+    if isinstance(module, types):
         found.append((path, module))
         return
     for name, child in module._modules.items():
         if child is not None:
-            find_layers(child, f"{path}.{name}" if path else name, seen, found, kinds)
+            find_layers(child, f"{path}.{name}" if path else name, seen, found, types)
 
 
 class AdaptedLayer(nn.Module):

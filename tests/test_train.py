@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lorakit as lk
+from lorakit import registry
 from lorakit.cli import main as cli
 from lorakit.train import config as cfg
 from lorakit.train import data, tasks
@@ -53,10 +54,14 @@ def save_tiny_model(path: Path) -> Path:
 
 
 def _config(tiny_dir, out, **changes) -> cfg.FinetuneConfig:
+    """A small run's config; the method's options are rank 4, alpha 8, dropout 0.1 where it has those settings,
+    updated by ``options=``."""
     settings = dict(model=str(tiny_dir), out=str(out), steps=6, batch_size=4, train_examples=40, eval_examples=8,
-                    max_new_tokens=12, eval_batch_size=8, rank=4, alpha=8.0, lr=1e-2, warmup_steps=2,
-                    val_every=0, save_every=3, skip_eval_before=True, dropout=0.1)
-    return cfg.FinetuneConfig(**{**settings, **changes})
+                    max_new_tokens=12, eval_batch_size=8, lr=1e-2, warmup_steps=2, val_every=0, save_every=3,
+                    skip_eval_before=True)
+    has = {o.name for o in registry.options(changes.get("method", "lora"))}
+    options = {k: v for k, v in dict(rank=4, alpha=8.0, dropout=0.1).items() if k in has}
+    return cfg.FinetuneConfig(**{**settings, **changes, "options": {**options, **changes.get("options", {})}})
 
 
 def _losses(run: Path) -> list[float]:
@@ -228,8 +233,8 @@ def test_accumulation_checkpointing_and_bf16_keep_the_losses(tiny_dir, tmp_path,
     runs = {"plain": {}, "accum": {"grad_accum": 2}, "recompute": {"gradient_checkpointing": True},
             "bf16": {"bf16": True}}
     for name, changes in runs.items():
-        finetune(_config(tiny_dir, tmp_path / name, steps=3, save_every=0, dropout=0.0, max_grad_norm=0.1,
-                         **changes), log=lambda m: None)
+        finetune(_config(tiny_dir, tmp_path / name, steps=3, save_every=0, options=dict(dropout=0.0),
+                         max_grad_norm=0.1, **changes), log=lambda m: None)
     plain = _losses(tmp_path / "plain")
     assert _losses(tmp_path / "accum") == pytest.approx(plain, rel=1e-5)
     assert _losses(tmp_path / "recompute") == pytest.approx(plain, rel=1e-6)
@@ -284,17 +289,38 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, m
 
 
 def test_every_method_of_lk_is_selectable():
-    from lorakit.methods.base import METHODS
-    from lorakit.train.trainer import recipe
+    """Every registered method is a --method choice of finetune and params, and builds its registered recipe
+    (the name's own settings included: rslora)."""
+    from lorakit.cli import build_config, parser
 
-    assert set(METHODS) <= set(cfg.METHOD_NAMES)
-    for name in cfg.METHOD_NAMES:
-        made = recipe(cfg.FinetuneConfig(method=name))
-        assert type(made) is METHODS[name.replace("rslora", "lora")]
-    assert recipe(cfg.FinetuneConfig(method="rslora")).rslora
+    for name in registry.names():
+        entry = registry.entry(name)
+        for command, config_cls in (("finetune", cfg.FinetuneConfig), ("params", cfg.ParamsConfig)):
+            argv = [command, "--method", name]
+            config = build_config(config_cls, parser(argv).parse_args(argv))
+            made = config.recipe()
+            assert config.method == name and type(made) is entry.recipe, (command, name)
+            assert all(getattr(made, k) == v for k, v in entry.defaults.items()), (command, name)
+    assert cfg.FinetuneConfig(method="rslora").recipe().rslora
 
 
-@pytest.mark.parametrize("method", [m for m in cfg.METHOD_NAMES if m != "lora"])
+def test_the_default_job_is_lora_rank_16_alpha_32():
+    """FINETUNE_DEFAULTS, sized for the 135M default model, go to every method whose recipe has the field."""
+    from lorakit.cli import build_config, parser
+
+    made = build_config(cfg.FinetuneConfig, parser(["finetune"]).parse_args(["finetune"])).recipe()
+    assert made == lk.LoRA(rank=16, alpha=32.0)
+    assert cfg.FinetuneConfig(method="pissa").recipe() == lk.PiSSA(rank=16, alpha=32.0)
+    assert cfg.FinetuneConfig(method="svf").recipe() == lk.SVF()  # no rank, no alpha
+    assert cfg.FinetuneConfig(method="lora", options=dict(rank=2)).recipe() == lk.LoRA(rank=2, alpha=32.0)
+    # A schedule's length comes from --steps unless given.
+    made = cfg.FinetuneConfig(method="adalora", steps=50, options=dict(tinit=1)).recipe()
+    assert (made.total_steps, made.tinit, made.tfinal, made.alpha) == (50, 1, 10, 32.0)
+    with pytest.raises(lk.ConfigError, match="rank must be > 0, got 0"):
+        cfg.FinetuneConfig(options=dict(rank=0)).recipe()
+
+
+@pytest.mark.parametrize("method", [m for m in registry.names() if m != "lora"])
 def test_other_methods_train_from_the_loop(tiny_dir, tmp_path, method):
     summary = finetune(_config(tiny_dir, tmp_path / method, method=method, steps=4, save_every=0),
                        log=lambda m: None)
@@ -305,8 +331,8 @@ def test_other_methods_train_from_the_loop(tiny_dir, tmp_path, method):
 def test_the_loop_runs_adalora_rank_budget(tiny_dir, tmp_path):
     from safetensors.torch import load_file
 
-    finetune(_config(tiny_dir, tmp_path / "run", method="adalora", rank=4, target_rank=2, steps=10, save_every=0),
-             log=lambda m: None)
+    finetune(_config(tiny_dir, tmp_path / "run", method="adalora", options=dict(init_rank=4, target_rank=2),
+                     steps=10, save_every=0), log=lambda m: None)
     saved = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
     kept = [t.shape[0] for k, t in saved.items() if k.endswith("lora_E")]
     assert kept and sum(kept) == 2 * len(kept)  # pruned from 4 to 2 triplets per matrix on average
@@ -360,22 +386,24 @@ def test_two_processes_match_one(tiny_dir, tmp_path, strategy):
 def test_yaml_config_round_trip_and_flags_win(tmp_path):
     import yaml
 
-    original = cfg.FinetuneConfig(method="dora", rank=4, lr=3e-4, targets="q_proj,v_proj")
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.dataclasses.asdict(original)))
+    original = cfg.FinetuneConfig(method="dora", options=dict(rank=4, dropout=0.1), lr=3e-4, targets="q_proj,v_proj")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.dataclasses.asdict(original)))  # options: a mapping
     from lorakit.cli import build_config, parser
 
-    args = parser().parse_args(["finetune", "--config", str(tmp_path / "run.yaml"), "--rank", "8"])
-    loaded = build_config(cfg.FinetuneConfig, args)
-    assert loaded == cfg.dataclasses.replace(original, rank=8)
+    argv = ["finetune", "--config", str(tmp_path / "run.yaml"), "--rank", "8"]
+    loaded = build_config(cfg.FinetuneConfig, parser(argv).parse_args(argv))
+    assert loaded == cfg.dataclasses.replace(original, options=dict(rank=8, dropout=0.1))
     (tmp_path / "bad.yaml").write_text("rnak: 4\n")
+    argv = ["finetune", "--config", str(tmp_path / "bad.yaml")]
     with pytest.raises(lk.ConfigError, match="unknown setting.*rnak"):
-        build_config(cfg.FinetuneConfig, parser().parse_args(["finetune", "--config", str(tmp_path / "bad.yaml")]))
+        build_config(cfg.FinetuneConfig, parser(argv).parse_args(argv))
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_yaml_config_loads(path):
     config = cfg.from_dict(cfg.FinetuneConfig, cfg.load_yaml(path), str(path))
     config.check()
+    config.recipe()  # its method's settings too
 
 
 @pytest.mark.parametrize("command", ["finetune", "eval", "generate", "merge", "params"])
@@ -391,6 +419,24 @@ def test_help_explains_every_option(command, capsys):
         if f.metadata.get("choices"):
             assert "{" + ",".join(f.metadata["choices"]) + "}" in text, f.name
     assert "--config" in text
+    if cfg.takes_method(COMMANDS[command][0]):  # the default method's options, and how to see another's
+        assert f"loraoptions(lorakit{command}--methodM--helpshowsM's)" in text
+        assert ",".join(registry.names()) in text  # --method lists the registered methods
+        for key, o in cfg.option_keys("lora").items():
+            assert o.help and f"--{key.replace('_', '-')}" in text and "".join(o.help.split()) in text, key
+
+
+@pytest.mark.parametrize("method", registry.names())
+def test_help_explains_every_option_of_every_method(method, capsys):
+    with pytest.raises(SystemExit):
+        cli(["finetune", "--method", method, "--help"])
+    text = "".join(capsys.readouterr().out.split())
+    assert f"{method}options(lorakitfinetune--methodM--helpshowsM's)" in text
+    for key, o in cfg.option_keys(method).items():
+        assert o.help, f"{method}: {o.name} has no attribute docstring"
+        assert f"--{key.replace('_', '-')}" in text and "".join(o.help.split()) in text, key
+        if o.choices:
+            assert "{" + ",".join(o.choices) in text, key
 
 
 def test_cli_commands(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -471,8 +517,8 @@ def test_finetune_on_a_4bit_base(tiny_dir, tmp_path, method):
 
     run = tmp_path / "run"
     logged = []
-    finetune(_config(tiny_dir, run, quantize="nf4", method=method, steps=8, save_every=0, dropout=0.0),
-             log=logged.append)
+    finetune(_config(tiny_dir, run, quantize="nf4", method=method, steps=8, save_every=0,
+                     options=dict(dropout=0.0)), log=logged.append)
     losses = _losses(run)
     assert losses[-1] < losses[0], losses
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)

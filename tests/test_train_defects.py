@@ -13,6 +13,7 @@ import torch
 from test_train import _config, _losses, run_straight, save_tiny_model
 
 import lorakit as lk
+from lorakit import registry
 from lorakit.cli import main as cli
 from lorakit.train import config as cfg
 from lorakit.train import data
@@ -47,11 +48,16 @@ def test_yaml_values_are_coerced_to_the_field_types(tmp_path):
     from lorakit.cli import build_config, parser
 
     path = tmp_path / "run.yaml"
-    path.write_text("lr: 1e-3\nsteps: 1e2\nrank: '4'\nalpha: 16\nbf16: 'on'\ntargets: 123\nwarmup_steps: 2.0\n")
-    config = build_config(cfg.FinetuneConfig, parser().parse_args(["finetune", "--config", str(path)]))
-    assert (config.lr, config.steps, config.rank, config.alpha, config.bf16, config.targets, config.warmup_steps) == \
-        (1e-3, 100, 4, 16.0, True, "123", 2)
-    assert type(config.alpha) is float and type(config.steps) is int
+    path.write_text("lr: 1e-3\nsteps: 1e2\nrank: '4'\nalpha: 16\nbf16: 'on'\ntargets: 123\nwarmup_steps: 2.0\n"
+                    "rslora: 'yes'\n")
+    argv = ["finetune", "--config", str(path)]
+    config = build_config(cfg.FinetuneConfig, parser(argv).parse_args(argv))
+    assert (config.lr, config.steps, config.bf16, config.targets, config.warmup_steps) == (1e-3, 100, True, "123", 2)
+    assert config.options == {"rank": 4, "alpha": 16.0, "rslora": True}  # the method's settings, typed too
+    assert type(config.options["alpha"]) is float and type(config.steps) is int
+    path.write_text("method: pissa\nalpha: none\nniter: '2'\n")  # a setting that may be unset
+    config = build_config(cfg.FinetuneConfig, parser(argv).parse_args(argv))
+    assert config.options == {"alpha": None, "niter": 2} and config.recipe() == lk.PiSSA(rank=16, niter=2)
 
 
 @pytest.mark.parametrize("line, message", [
@@ -62,8 +68,15 @@ def test_yaml_values_are_coerced_to_the_field_types(tmp_path):
     ("lr: [1, 2]", r"lr: expected a number, got \[1, 2\]"),
     ("bf16: maybe", "bf16: expected true or false, got 'maybe'"),
     ("data: {a: 1}", r"data: expected text, got \{.a.: 1\}"),
-    ("method: lorra", "method: 'lorra' is not one of 'lora', 'rslora'"),
+    ("method: lorra", r"unknown method 'lorra'; did you mean 'lora'.*Registered: lora, rslora, dora"),
     ("strategy: everything", "strategy: 'everything' is not one of"),
+    ("rank: 2.5", "rank: expected an integer, got 2.5"),
+    ("options: {rank: x}", "options.rank: expected an integer, got 'x'"),
+    ("options: [1]", r"options: expected a mapping of setting: value, got \[1\]"),
+    ("options: {niter: 2}", "options: method 'lora' has no setting 'niter'; it has rank, alpha, dropout, rslora"),
+    ("niter: 2", r"unknown setting\(s\) \['niter'\].* \(niter is a setting of pissa, milora, lora_xs: --method"),
+    ("method: lora_xs\ninit: ones", "init: 'ones' is not one of 'zeros', 'gaussian'"),
+    ("method: pissa\nalpha: big", "alpha: expected a number or none, got 'big'"),
 ])
 def test_a_yaml_value_of_the_wrong_kind_is_an_error_naming_file_and_key(tmp_path, capsys, line, message):
     path = tmp_path / "bad.yaml"
@@ -160,7 +173,8 @@ def test_a_damaged_trainer_state_is_skipped_and_a_named_checkpoint_is_refused(ti
         finetune(_config(tiny_dir, run, steps=4, resume=str(run / "checkpoints/step-000002")), log=lambda m: None)
     (run / "checkpoints/step-000004/adapter_state.safetensors").write_bytes(b"garbage")
     assert cli(["finetune", "--model", str(tiny_dir), "--out", str(run), "--resume", "auto", "--steps", "4",
-                "--train-examples", "40", "--eval-examples", "8", "--batch-size", "4", "--rank", "4"]) == 2
+                "--train-examples", "40", "--eval-examples", "8", "--batch-size", "4", "--rank", "4", "--alpha", "8",
+                "--dropout", "0.1"]) == 2
     assert "none of the 2 checkpoints in" in capsys.readouterr().err
 
 
@@ -323,13 +337,159 @@ def test_merge_untie_merges_an_adapter_on_a_tied_embedding(tiny_dir, tmp_path, c
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--rank", "0"], "--rank must be > 0, got 0"),
-    (["--rank", "-3"], "--rank must be > 0, got -3"),
+    (["--rank", "0"], "LoRA: rank must be > 0, got 0"),
+    (["--rank", "-3"], "LoRA: rank must be > 0, got -3"),
     (["--count", "0"], "--count must be > 0, got 0"),
     (["--shape", "8x8", "--rank", "9"], r"--rank 9 is more than min\(d_out, d_in\) = 8 of 8x8"),
+    (["--shape", "8x8", "--method", "pissa", "--rank", "9"], r"--rank 9 is more than min\(d_out, d_in\) = 8 of 8x8"),
     (["--shape", "0x8"], "shape dimensions must be positive"),
+    (["--method", "svft", "--pattern", "plain", "--width", "2"], "SVFT: the plain pattern is the diagonal"),
+    (["--method", "lorra"], r"--method: unknown method 'lorra'; did you mean 'lora'"),
 ])
 def test_params_refuses_nonsense(args, message, capsys):
     assert cli(["params", *args]) == 2
     assert re.search("lorakit params: error: " + message, capsys.readouterr().err)
-    assert cli(["params", "--shape", "8x8", "--rank", "8", "--method", "svf"]) == 0  # svf has no rank
+    assert cli(["params", "--shape", "8x8", "--method", "svf"]) == 0  # svf has no rank
+    with pytest.raises(SystemExit):  # ... nor a --rank flag
+        cli(["params", "--shape", "8x8", "--method", "svf", "--rank", "8"])
+    assert "unrecognized arguments: --rank 8" in capsys.readouterr().err
+
+
+# --- one registry: the method options come from the recipe -------------------------------------------
+D_OUT, D_IN = 64, 32
+
+
+@pytest.mark.parametrize("method, options, expected", [
+    ("lora", {}, 8 * (D_IN + D_OUT)),
+    ("lora", {"rank": 3}, 3 * (D_IN + D_OUT)),
+    ("rslora", {}, 8 * (D_IN + D_OUT)),
+    ("pissa", {"rank": 4}, 4 * (D_IN + D_OUT)),
+    ("milora", {}, 8 * (D_IN + D_OUT)),
+    ("dora", {}, 8 * (D_IN + D_OUT) + D_OUT),
+    ("lora_xs", {"rank": 5}, 5 * 5),
+    ("svf", {}, min(D_OUT, D_IN)),
+    ("svft", {}, min(D_OUT, D_IN)),
+    ("svft", {"pattern": "banded", "width": 2}, 32 * (2 * 2 + 1) - 2 * (2 + 1)),
+    ("svft", {"pattern": "random", "width": 3}, 32 * (2 * 3 + 1) - 3 * (3 + 1)),  # as many as banded
+    ("svft", {"pattern": "top_k", "width": 1}, 32 * (2 * 1 + 1) - 1 * (1 + 1)),
+    ("adalora", {}, 12 * (D_IN + D_OUT + 1)),  # at init_rank
+    ("adalora", {"init_rank": 6, "target_rank": 2}, 6 * (D_IN + D_OUT + 1)),
+])
+def test_params_counts_what_the_built_adapter_trains(method, options, expected, capsys):
+    """lorakit params builds the adapter (on meta) and counts it: the formulas of METHODS.md, per method."""
+    from lorakit.analysis import trainable_numel
+
+    recipe = cfg.ParamsConfig(method=method, options=options).recipe()
+    assert trainable_numel(recipe, D_OUT, D_IN) == expected
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    assert cli(["params", "--method", method, *flags, "--shape", f"{D_OUT}x{D_IN}", "--count", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"{D_OUT}x{D_IN} x3: {recipe!r} trains {3 * expected:,} vs {3 * D_OUT * D_IN:,} for full" in out, out
+    assert f"total: {3 * expected:,} trainable vs {3 * D_OUT * D_IN:,} full" in out
+
+
+def test_method_options_reach_the_recipe_by_flag_and_by_yaml(tmp_path):
+    """SVFT's seed is --svft-seed (--seed is the run's), and svft_seed in YAML; both build that recipe."""
+    from lorakit.cli import build_config, parser
+
+    expected = lk.SVFT(pattern="banded", width=2, seed=3)
+    argv = ["finetune", "--method", "svft", "--pattern", "banded", "--width", "2", "--svft-seed", "3", "--seed", "5"]
+    config = build_config(cfg.FinetuneConfig, parser(argv).parse_args(argv))
+    assert config.recipe() == expected and config.seed == 5
+    (tmp_path / "run.yaml").write_text("method: svft\npattern: banded\nwidth: 2\nsvft-seed: 3\nseed: 5\n")
+    argv = ["finetune", "--config", str(tmp_path / "run.yaml")]
+    config = build_config(cfg.FinetuneConfig, parser(argv).parse_args(argv))
+    assert config.recipe() == expected and config.seed == 5
+    argv = [*argv, "--width", "1"]  # the YAML's method's flags, and flags win
+    loaded = build_config(cfg.FinetuneConfig, parser(argv).parse_args(argv))
+    assert loaded.recipe() == lk.SVFT(pattern="banded", width=1, seed=3)
+    assert cfg.option_keys("svft").keys() == {"pattern", "width", "svft_seed", "dropout"}
+    assert cfg.flag_of("svft", "seed") == "--svft-seed" and cfg.flag_of("adalora", "init_rank") == "--init-rank"
+
+
+def test_a_method_option_given_on_the_command_line_trains(tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    assert cli(["finetune", "--model", str(tiny_dir), "--out", str(run), "--method", "svft", "--pattern", "random",
+                "--width", "1", "--svft-seed", "3", "--steps", "1", "--batch-size", "4", "--train-examples", "8",
+                "--eval-examples", "2", "--max-new-tokens", "2", "--skip-eval-before", "--save-every", "0"]) == 0
+    saved = json.loads((run / "adapter/adapter_config.json").read_text())["lorakit_recipe"]
+    assert (saved["pattern"], saved["width"], saved["seed"]) == ("random", 1, 3)
+    assert "`SVFT(pattern='random', width=1, seed=3, dropout=0.0)` (svft)" in (run / "report.md").read_text()
+
+
+def test_help_shows_the_chosen_methods_options(tmp_path, capsys):
+    def flags(*args):
+        with pytest.raises(SystemExit):
+            cli(["finetune", *args, "--help"])
+        return set(re.findall(r"--[a-z][a-z0-9-]*", capsys.readouterr().out))
+
+    assert "--niter" in flags("--method", "pissa") and "--niter" not in flags()
+    assert {"--rank", "--alpha", "--dropout", "--rslora"} <= flags() and "--init-rank" not in flags()
+    (tmp_path / "run.yaml").write_text("method: adalora\n")
+    assert {"--init-rank", "--target-rank", "--tinit"} <= flags("--config", str(tmp_path / "run.yaml"))
+    assert "--niter" in flags("--config", str(tmp_path / "run.yaml"), "--method", "lora_xs")  # the flag wins
+
+
+def test_an_unknown_method_is_a_clear_error(tmp_path, capsys):
+    assert cli(["finetune", "--method", "qlora", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorakit finetune: error: --method: unknown method 'qlora'")
+    assert "Registered: " + ", ".join(registry.names()) in err
+    (tmp_path / "run.yaml").write_text("method: dorra\n")
+    assert cli(["params", "--config", str(tmp_path / "run.yaml")]) == 2
+    assert f"lorakit params: error: {tmp_path / 'run.yaml'}: unknown method 'dorra'; did you mean 'dora'" in \
+        capsys.readouterr().err
+
+
+def test_the_fsdp_refusal_is_for_any_method_with_a_step_schedule(monkeypatch):
+    """A recipe that overrides on_step (AdaLoRA's rank allocator) needs whole gradients, which FSDP shards."""
+    from lorakit.train import trainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = cfg.FinetuneConfig(method="adalora", strategy="fsdp", device="cpu")
+    with pytest.raises(lk.ConfigError, match="--method adalora runs a schedule after each step .*--strategy ddp"):
+        trainer._distributed(config)
+
+
+def test_merging_refused_for_a_tied_weight_is_said_and_other_merge_errors_propagate(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.train import trainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied
+    lk.adapt(model, lk.LoRA(rank=2), ["embed_tokens"])
+    said = []
+    trainer.merge_for_inference(model, said.append)
+    assert len(said) == 1 and "running unmerged" in said[0] and "lm_head.weight" in said[0]
+    assert not any(layer.merged for _, layer in lk.model.adapted_layers(model))
+    model = lk.adapt(AutoModelForCausalLM.from_pretrained(tiny_dir), lk.LoRA(rank=2), ["q_proj"])
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    with pytest.raises(lk.MergeError, match="NaN/Inf"):
+        trainer.merge_for_inference(model, said.append)
+    assert len(said) == 1
+    model = lk.adapt(AutoModelForCausalLM.from_pretrained(tiny_dir), lk.LoRA(rank=2), ["q_proj"])
+    trainer.merge_for_inference(model, said.append)
+    assert all(layer.merged for _, layer in lk.model.adapted_layers(model)) and len(said) == 1
+
+
+def test_the_metrics_file_is_closed_when_the_loop_raises(tiny_dir, tmp_path, monkeypatch):
+    import builtins
+
+    from lorakit.train.trainer import TrainingError
+
+    opened, real_open = [], builtins.open
+
+    def recording(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        if str(path).endswith("metrics.jsonl"):
+            opened.append(f)
+        return f
+
+    monkeypatch.setattr(builtins, "open", recording)
+    real = CompletionLoss.forward
+    monkeypatch.setattr(CompletionLoss, "forward", lambda self, **b: (real(self, **b)[0] * float("nan"), 1))
+    with pytest.raises(TrainingError):
+        finetune(_config(tiny_dir, tmp_path / "run", steps=2, save_every=0), log=lambda m: None)
+    assert opened and all(f.closed for f in opened)

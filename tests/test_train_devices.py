@@ -129,7 +129,8 @@ def _reductions_per_run(strategy: str, tiny_dir, tmp_path, monkeypatch, counter)
     for accum in (1, 2):
         counter.clear()
         run = tmp_path / f"{strategy}-{accum}"
-        finetune(_config(tiny_dir, run, steps=3, save_every=0, grad_accum=accum, dropout=0.0), log=lambda m: None)
+        finetune(_config(tiny_dir, run, steps=3, save_every=0, grad_accum=accum, options=dict(dropout=0.0)),
+                 log=lambda m: None)
         counts[accum], losses[accum] = len(counter), _losses(run)
     assert losses[2] == pytest.approx(losses[1], rel=1e-5)
     return counts

@@ -52,27 +52,34 @@ class SVFT(Method):
         check_dropout("SVFT", self.dropout)
 
     def support(self, U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, cols) of M's trainable entries, diagonal first."""
+        """(rows, cols) of M's trainable entries, diagonal first, then the others in row-major order.
+
+        On a meta-device basis (a spec of shapes only: ``lorakit params``) the positions are meta tensors of
+        the right length: only their number is known without the weight.
+        """
         n = U.shape[1]
         d = min(self.width, n - 1)
-        i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
-        band = ((i - j).abs() <= d) & (i != j)
-        extra = int(band.sum())  # banded's off-diagonal count: n(2d+1) − d(d+1) − n
-        off = ~torch.eye(n, dtype=torch.bool)
-        if self.pattern in ("plain", "banded"):
-            chosen = band
-        elif self.pattern == "random":
-            g = torch.Generator().manual_seed(self.seed)
-            candidates = off.flatten().nonzero().squeeze(1)
-            picked = candidates[torch.randperm(len(candidates), generator=g)[:extra]]
-            chosen = torch.zeros(n * n, dtype=torch.bool).index_fill_(0, picked, True).view(n, n)
-        else:
-            alignment = (U[:n].t() @ Vh[:, :n].t()).abs().cpu()  # (n, n): |u_iᵀ v_j| on the shared coordinates
-            alignment[~off] = -1
-            picked = alignment.flatten().topk(extra).indices
-            chosen = torch.zeros(n * n, dtype=torch.bool).index_fill_(0, picked, True).view(n, n)
-        rows, cols = chosen.nonzero(as_tuple=True)
+        extra = 2 * d * n - d * (d + 1)  # banded's off-diagonal count: n(2d+1) − d(d+1) − n
         diagonal = torch.arange(n)
+        if U.is_meta:
+            rows = torch.empty(n + extra, dtype=torch.long, device="meta")
+            return rows, torch.empty_like(rows)
+        if self.pattern in ("plain", "banded"):  # row by row, columns i−d … i+d but i: no n×n grid
+            offsets = torch.cat([torch.arange(-d, 0), torch.arange(1, d + 1)])
+            rows, cols = diagonal.repeat_interleave(len(offsets)), (diagonal[:, None] + offsets).flatten()
+            inside = (cols >= 0) & (cols < n)
+            rows, cols = rows[inside], cols[inside]
+        else:
+            off = ~torch.eye(n, dtype=torch.bool)
+            if self.pattern == "random":
+                g = torch.Generator().manual_seed(self.seed)
+                candidates = off.flatten().nonzero().squeeze(1)
+                picked = candidates[torch.randperm(len(candidates), generator=g)[:extra]]
+            else:
+                alignment = (U[:n].t() @ Vh[:, :n].t()).abs().cpu()  # (n, n): |u_iᵀ v_j| on the shared coordinates
+                alignment[~off] = -1
+                picked = alignment.flatten().topk(extra).indices
+            rows, cols = picked.sort().values.div(n, rounding_mode="floor"), picked.sort().values % n
         return torch.cat([diagonal, rows]), torch.cat([diagonal, cols])
 
     def build(self, spec: LayerSpec, init: bool = True) -> SpectralAdapter:

@@ -1,7 +1,10 @@
-"""The fine-tuning loop behind ``lorakit finetune``: one readable function, top to bottom.
+"""The fine-tuning loop behind ``lorakit finetune``, read top to bottom from ``finetune``:
 
-    data → adapt → evaluate (before) → [step: micro-batches → clip → AdamW → schedule → lk.step]
-         → checkpoints, validation loss → save adapter → evaluate (after) → report
+    setup:  data → evaluate (before) → adapt → optimizer          → Job
+    start:  resume a checkpoint, or a fresh run                   → TrainState
+    train:  [loss_step: micro-batches → backward;  commit_step: clip → AdamW → schedule → lk.step]
+            → validation loss, checkpoints
+    finish: save adapter → merge → evaluate (after) → report
 
 Loss is computed only where there are labels: the output head and cross-entropy run on the
 completion positions (for prompt/completion data most positions are prompt), in chunks, so the
@@ -29,16 +32,18 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 import lorakit as lk
 from lorakit.checkpoint import atomic_write, read_tensors, write_tensors
-from lorakit.errors import AdapterFileError, ConfigError, LorakitError, MergeError
+from lorakit.errors import AdapterFileError, ConfigError, LorakitError
+from lorakit.kinds import numel
+from lorakit.methods.base import Method
 from lorakit.train import data as data_mod
 from lorakit.train import models, tasks
 from lorakit.train.config import FinetuneConfig
@@ -54,35 +59,16 @@ class CheckpointError(LorakitError, OSError):
     """A checkpoint directory is incomplete, or one of its files is truncated or corrupt (the message names it)."""
 
 
-def recipe(config) -> object:
-    """The ``lk`` method a config names."""
-    r, a, p = config.rank, config.alpha, config.dropout
-    makers = {
-        "lora": lambda: lk.LoRA(rank=r, alpha=a, dropout=p), "rslora": lambda: lk.LoRA(rank=r, alpha=a, dropout=p,
-                                                                                          rslora=True),
-        "dora": lambda: lk.DoRA(rank=r, alpha=a, dropout=p), "pissa": lambda: lk.PiSSA(rank=r, alpha=a, dropout=p),
-        "milora": lambda: lk.MiLoRA(rank=r, alpha=a, dropout=p),
-        "lora_xs": lambda: lk.LoRAXS(rank=r, alpha=a, dropout=p), "svf": lambda: lk.SVF(dropout=p),
-        "svft": lambda: lk.SVFT(pattern=config.svft_pattern, width=config.svft_width, dropout=p),
-        "adalora": lambda: lk.AdaLoRA(init_rank=r, target_rank=min(config.target_rank, r),
-                                      total_steps=config.steps, tinit=config.steps // 10,
-                                      tfinal=config.steps // 5, alpha=a, dropout=p),
-    }
-    if config.method not in makers:
-        raise ConfigError(f"unknown method {config.method!r}; choose from {', '.join(makers)}")
-    return makers[config.method]()
-
-
-def prepare(model, config, log=print) -> None:
-    """Quantize the base if asked and adapt it: after a PiSSA/MiLoRA start is known, so that the
-    quantized part is the residual (QPiSSA), else before."""
+def prepare(model, recipe: Method, config, log=print) -> None:
+    """Quantize the base if asked and adapt it with ``recipe``: after adapting for a recipe that
+    ``quantizes_residual`` (its start is known then, so the quantized part is the residual: QPiSSA), else
+    before."""
     if config.quantize:
         models.ensure_package("bitsandbytes", "bitsandbytes>=0.50", log)
-    residual = config.method in ("pissa", "milora")
-    if config.quantize and not residual:
+    if config.quantize and not recipe.quantizes_residual:
         lk.quantize(model, config.quantize)
-    lk.adapt(model, recipe(config), targets_of(config.targets))
-    if config.quantize and residual:
+    lk.adapt(model, recipe, targets_of(config.targets))
+    if config.quantize and recipe.quantizes_residual:
         lk.quantize(model, config.quantize)
 
 
@@ -365,8 +351,9 @@ def _distributed(config) -> tuple[int, int, str, torch.device]:
     device = models.resolve_device(config.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     if config.strategy == "none":
         return 0, 1, "none", device
-    if config.strategy == "fsdp" and config.method == "adalora":
-        raise ConfigError("AdaLoRA's rank allocator needs whole matrices; use --strategy ddp")
+    if config.strategy == "fsdp" and type(config.recipe()).on_step is not Method.on_step:
+        raise ConfigError(f"--method {config.method} runs a schedule after each step that reads whole matrices and "
+                          "their gradients (its on_step), which FSDP shards across processes; use --strategy ddp")
     if config.strategy == "fsdp" and config.quantize:
         raise ConfigError("FSDP cannot shard bitsandbytes' packed 4/8-bit weights; use --strategy ddp with --quantize")
     import torch.distributed as dist
@@ -429,13 +416,16 @@ def _adamw(groups: list[dict], lr: float, fused: bool) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def merge_for_inference(model) -> None:
-    """Merge the active adapters for evaluation at the base model's speed, unless merging is refused
-    (a weight tied to another module): then the model runs unmerged, the same function."""
-    try:
-        lk.merge(model)
-    except MergeError:
-        pass
+def merge_for_inference(model, log=print) -> None:
+    """Merge the active adapters for evaluation at the base model's speed. Where merging is refused, for a
+    weight another module shares (a tied output head) that it would change too, the model runs unmerged,
+    the same function, and ``log`` says so; any other failure to merge is an error."""
+    shared = models.sharing_adapted_weights(model)
+    if shared:
+        log(f"running unmerged (slower): {', '.join(shared)} shares a weight the adapter changes (a tied output "
+            "head), which merging would change too")
+        return
+    lk.merge(model)
 
 
 def _schedule(config):
@@ -465,175 +455,300 @@ def _batch_size(config, examples: int, world: int, say) -> int:
 
 def finetune(config: FinetuneConfig, log=print) -> dict:
     """Run a fine-tuning job; returns the summary (accuracy before/after, figures, paths)."""
+    job = setup(config, log)
+    state = start(job)
+    with _metrics(job) as record:  # closed however the run ends
+        train(job, state, record)
+        weights = _full_state(job.model, job.optimizer)  # collective under FSDP: every process takes part
+        path = _checkpoint(job, state, weights) if job.main else None
+        if state.interrupted:
+            job.say(f"interrupted at step {state.step}: checkpoint {path}; continue with --resume auto")
+            raise KeyboardInterrupt
+        summary = finish(job, state, weights, record)
+    if job.main:
+        _plot(job.run)
+        _report(job.run, config, job.recipe, summary)
+    return summary
+
+
+@dataclass
+class Job:
+    """What ``setup`` makes of a config: where the run goes and runs, the adapted model, its data, the
+    optimizer and schedule."""
+
+    config: FinetuneConfig
+    recipe: Method
+    say: Callable[[str], None]  # the log on the main process, silent on the others
+    rank: int
+    world: int
+    strategy: str  # "none", "ddp" or "fsdp"
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: object
+    data: Datasets
+    batch_size: int  # global, across processes
+    before: float | None  # accuracy before training (None: skipped)
+    trainable: int
+    total: int  # parameters of the adapted model, packed 4-bit weights counted as weights
+    params: list  # the trainable parameters (clipped)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sharded: list  # FSDP2's sharded blocks (empty otherwise)
+    autocast: torch.autocast
+    started: float
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def run(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def micro(self) -> int:
+        """Examples per micro-batch of one process."""
+        return self.batch_size // (self.world * self.config.grad_accum)
+
+
+@dataclass
+class TrainState:
+    """Where training is. ``step``, ``epoch``, ``position`` and ``rng`` are what a checkpoint records."""
+
+    step: int = 0  # optimizer steps committed
+    epoch: int = 0
+    position: int = 0  # index of the next batch in the epoch's order
+    last_good: Path | None = None  # the newest checkpoint written or resumed from
+    # The random state after the last committed step: what a checkpoint records, so that an interrupted
+    # step's dropout draws do not leak into the resumed run (validation and saving draw none).
+    rng: dict = field(default_factory=dict)
+    batches: list = field(default_factory=list)  # the epoch's batches of example indices
+    tokens_seen: int = 0  # by this process since the loop (re)started
+    t0: float = 0.0  # when the loop (re)started
+    train_seconds: float = 0.0
+    interrupted: bool = False  # a Ctrl-C ended the loop
+
+
+def setup(config: FinetuneConfig, log) -> Job:
+    """Check the config and build its recipe, join the process group, load the model and data, measure
+    accuracy before, adapt (and quantize), shard under FSDP, and make the optimizer and schedule."""
     config.check()
+    recipe = config.recipe()
     rank, world, strategy, device = _distributed(config)
-    main = rank == 0
-    say = log if main else (lambda *_: None)
+    say = log if rank == 0 else (lambda *_: None)
     if config.batch_size % (world * config.grad_accum):
         raise ConfigError(f"--batch-size {config.batch_size} must divide by processes x --grad-accum "
                           f"({world} x {config.grad_accum})")
-    run = Path(config.out)
     started = time.time()
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # every device's generator
 
     model, tokenizer = models.load(config.model, log=say, device=device)
-    train, evaluation, validation, prompt_format = datasets(config, tokenizer)
-    if not train.examples:
+    data = datasets(config, tokenizer)
+    if not data.train.examples:
         raise ConfigError("no training examples left after tokenizing (all too long?)")
-    say(f"data: {len(train.examples)} training examples ({train.truncated} truncated, {train.dropped} dropped), "
-        f"{len(evaluation)} held out for evaluation; on {device}")
-    batch_size = _batch_size(config, len(train.examples), world, say)
-
+    say(f"data: {len(data.train.examples)} training examples ({data.train.truncated} truncated, "
+        f"{data.train.dropped} dropped), {len(data.evaluation)} held out for evaluation; on {device}")
+    batch_size = _batch_size(config, len(data.train.examples), world, say)
     before = None
-    if main and not config.skip_eval_before and evaluation:
-        before, _ = accuracy(model, tokenizer, evaluation, config)
+    if rank == 0 and not config.skip_eval_before and data.evaluation:
+        before, _ = accuracy(model, tokenizer, data.evaluation, config)
         say(f"accuracy before: {before:.1f}%")
 
-    prepare(model, config, say)  # on the device: bitsandbytes quantizes with its kernels there
+    prepare(model, recipe, config, say)  # on the device: bitsandbytes quantizes with its kernels there
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = sum(p.numel() for p in lk.trainable_parameters(model))
-    total_params = sum(map(lk.quant.numel, model.parameters()))
+    total = sum(map(numel, model.parameters()))
     sharded = _shard(model, device, world) if strategy == "fsdp" else []  # before the optimizer: shards
     params = lk.trainable_parameters(model)
     groups = (lk.lora_plus_groups(model, config.lr, config.lora_plus_ratio, config.weight_decay)
               if config.lora_plus_ratio > 0 else [{"params": params, "weight_decay": config.weight_decay}])
     optimizer = _adamw(groups, config.lr, fused=strategy != "fsdp")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
-    say(f"{config.method} on {config.targets}: {trainable:,} trainable of {total_params:,} parameters "
-        f"({100 * trainable / total_params:.3f}%)")
+    say(f"{config.method} on {config.targets}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.3f}%)")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    return Job(config, recipe, say, rank, world, strategy, device, model, tokenizer, data, batch_size, before,
+               trainable, total, params, optimizer, scheduler, sharded, autocast, started)
 
-    if main:
+
+def start(job: Job) -> TrainState:
+    """Where training starts: the checkpoint --resume names loaded (weights, optimizer, schedule, random
+    state; the metrics rows after it dropped), or step 0 of a fresh run, an earlier run's checkpoints removed.
+    Directories of cut-off saves are removed either way."""
+    state, run = TrainState(), job.run
+    if job.main:
         for partial in _remove_partial_saves(run):
-            say(f"removed {partial}: a checkpoint save that was cut off")
-    step, epoch, position, last_good = 0, 0, 0, None
-    if config.resume:
-        state, last_good = _resume(run, config.resume, model, optimizer, scheduler, say)
-        step, epoch, position = state["step"], state["epoch"], state["batch"]
-        if main:
-            _drop_metrics_after(run / "metrics.jsonl", step)
-        say(f"resumed from {last_good} at step {step}")
-    elif main and checkpoints(run):
+            job.say(f"removed {partial}: a checkpoint save that was cut off")
+    if job.config.resume:
+        saved, state.last_good = _resume(run, job.config.resume, job.model, job.optimizer, job.scheduler, job.say)
+        state.step, state.epoch, state.position = saved["step"], saved["epoch"], saved["batch"]
+        if job.main:
+            _drop_metrics_after(run / "metrics.jsonl", state.step)
+        job.say(f"resumed from {state.last_good} at step {state.step}")
+    elif job.main and checkpoints(run):
         # Left in place, an earlier run's checkpoints would outrank ours in the last-k pruning and in
         # --resume auto.
         shutil.rmtree(run / "checkpoints")
-        say(f"fresh run: removed the checkpoints of an earlier run in {run / 'checkpoints'}")
+        job.say(f"fresh run: removed the checkpoints of an earlier run in {run / 'checkpoints'}")
+    return state
 
-    loss_of = CompletionLoss(model)
-    if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
 
-        loss_of = DistributedDataParallel(loss_of, device_ids=[device.index] if device.type == "cuda" else None)
-    run.mkdir(parents=True, exist_ok=True)
-    metrics = open(run / "metrics.jsonl", "a" if config.resume else "w") if main else None
+@contextlib.contextmanager
+def _metrics(job: Job):
+    """``record(**row)``: one metrics.jsonl row, flushed, on the main process (a no-op on the others); the
+    file is appended to on --resume, and closed however the block ends."""
+    job.run.mkdir(parents=True, exist_ok=True)
+    if not job.main:
+        yield lambda **row: None
+        return
+    with open(job.run / "metrics.jsonl", "a" if job.config.resume else "w") as f:
+        def record(**row) -> None:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
 
-    def record(**row):
-        if metrics:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+        yield record
 
-    micro = batch_size // (world * config.grad_accum)
-    pad_id = tokenizer.pad_token_id
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
-    batches = data_mod.batch_order(train.examples, batch_size, epoch, config.seed)
-    progress = _progress(config.steps, step, main)
-    tokens_seen, t0 = 0, time.time()
-    # The random state after the last completed step: what a checkpoint records, so that an interrupted
-    # step's dropout draws do not leak into the resumed run (validation and saving draw none).
-    rng = _rng_state(device)
-    interrupted = False
+
+def train(job: Job, state: TrainState, record) -> None:
+    """Optimizer steps from ``state`` up to --steps, each a ``loss_step`` and a ``commit_step``, validation and
+    checkpoints between them. A Ctrl-C ends it with ``state.interrupted`` and ``state`` at the last commit."""
+    config = job.config
+    loss_of = _loss_module(job)
+    state.batches = data_mod.batch_order(job.data.train.examples, job.batch_size, state.epoch, config.seed)
+    progress = _progress(config.steps, state.step, job.main)
+    state.tokens_seen, state.t0 = 0, time.time()
+    state.rng = _rng_state(job.device)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    model.train()
+    job.model.train()
     try:
-        while step < config.steps:
-            if position >= len(batches):
-                epoch, position = epoch + 1, 0
-                batches = data_mod.batch_order(train.examples, batch_size, epoch, config.seed)
-            batch_ids = batches[position]
-            # This process's share of the global batch, in grad_accum micro-batches.
-            mine = batch_ids[rank * micro * config.grad_accum:(rank + 1) * micro * config.grad_accum]
-            labelled = sum(sum(1 for x in train.examples[i]["labels"][1:] if x != data_mod.IGNORE)
-                           for i in batch_ids)
-            step_loss = torch.zeros((), device=device)
-            for m in range(config.grad_accum):
-                batch = data_mod.collate([train.examples[i] for i in mine[m * micro:(m + 1) * micro]], pad_id)
-                tokens_seen += int(batch["attention_mask"].sum())
-                with _gradient_sync(loss_of, sharded, sync=m == config.grad_accum - 1):
-                    with autocast:
-                        loss, n = loss_of(**_on(batch, device))
-                    # Weight by label count so the step's loss is the mean over the whole global batch.
-                    scaled = loss * n * world / labelled
-                    (scaled + lk.regularization(model) / config.grad_accum).backward()
-                step_loss += scaled.detach()
-            if world > 1:
-                import torch.distributed as dist
-
-                dist.all_reduce(step_loss)
-                step_loss /= world
-            if not torch.isfinite(step_loss):
-                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-                raise TrainingError(f"loss is {step_loss.item()} at step {step + 1}; stopping ({kept})")
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            with _ctrl_c_held():  # a step commits whole: update, counters, random state, metrics row
-                optimizer.step()
-                lr = scheduler.get_last_lr()[0]  # the rate this step used
-                scheduler.step()
-                lk.step(model, step)
-                optimizer.zero_grad(set_to_none=True)
-                step, position = step + 1, position + 1
-                rng = _rng_state(device)
-                rate = tokens_seen * world / max(time.time() - t0, 1e-9)
-                record(step=step, loss=step_loss.item(), lr=lr, tokens_per_s=rate)
-                progress.update(step_loss.item(), rate)
-            # Under FSDP every process takes part in each forward, so all of them validate.
-            validate = config.val_every and step % config.val_every == 0 and validation.examples
-            if validate and (main or strategy == "fsdp"):
-                record(step=step, val_loss=validation_loss(model, validation.examples, pad_id, config.eval_batch_size,
-                                                           device))
-            if config.save_every and step % config.save_every == 0 and step < config.steps:
-                state = _full_state(model, optimizer)
-                if main:
-                    last_good = save_checkpoint(run, step, state, scheduler, (epoch, position), rng, config.keep_last)
+        while state.step < config.steps:
+            loss = loss_step(job, loss_of, state)
+            commit_step(job, state, loss, record, progress)
+            _between_steps(job, state, record)
     except KeyboardInterrupt:
-        interrupted = True
+        state.interrupted = True
     finally:
         signal.signal(signal.SIGINT, previous)
         progress.close()
-    train_seconds = time.time() - t0
-    state = _full_state(model, optimizer)
-    path = save_checkpoint(run, step, state, scheduler, (epoch, position), rng, config.keep_last) if main else None
-    if interrupted:
-        say(f"interrupted at step {step}: checkpoint {path}; continue with --resume auto")
-        raise KeyboardInterrupt
-    summary = {"task": config.task if not config.data else Path(config.data).name, "steps": step,
-               "batch_size": batch_size}
-    if main:
-        if strategy == "fsdp":  # evaluate and save a whole copy: the trained one is sharded across processes
-            model, _ = models.load(config.model, log=say, device=device)
-            prepare(model, config, say)
-            model.load_state_dict(state[0], strict=False)
-        lk.save(model, run / "adapter")
-        data_mod.write_prompt_format(run / "adapter", prompt_format)
-        if not config.quantize:  # zero added latency; a quantized base would merge into a float copy
-            merge_for_inference(model)
-        t1 = time.time()
-        after, rows = accuracy(model, tokenizer, evaluation, config) if evaluation else (None, [])
-        eval_seconds = time.time() - t1
-        with open(run / "predictions.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        record(accuracy_before=before, accuracy_after=after)
-        metrics.close()
-        summary.update(accuracy_before=before, accuracy_after=after, eval_examples=len(evaluation),
-                       trainable=trainable, total=total_params, seconds=time.time() - started,
-                       train_seconds=train_seconds, eval_seconds=eval_seconds,
-                       tokens_per_s=tokens_seen * world / max(train_seconds, 1e-9),
-                       peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                       truncated=train.truncated, dropped=train.dropped, adapter=str(run / "adapter"))
-        _plot(run)
-        _report(run, config, summary)
-    return summary
+    state.train_seconds = time.time() - state.t0
+
+
+def loss_step(job: Job, loss_of, state: TrainState) -> torch.Tensor:
+    """Forward and backward of the global batch at ``state``'s position: this process's share, in --grad-accum
+    micro-batches whose gradients sync on the last only. Returns the batch's mean loss (a TrainingError
+    when it is not finite)."""
+    config, examples, micro = job.config, job.data.train.examples, job.micro
+    if state.position >= len(state.batches):  # the epoch is done: the next one's order
+        state.epoch, state.position = state.epoch + 1, 0
+        state.batches = data_mod.batch_order(examples, job.batch_size, state.epoch, config.seed)
+    batch_ids = state.batches[state.position]
+    mine = batch_ids[job.rank * micro * config.grad_accum:(job.rank + 1) * micro * config.grad_accum]
+    labelled = sum(sum(1 for x in examples[i]["labels"][1:] if x != data_mod.IGNORE) for i in batch_ids)
+    step_loss = torch.zeros((), device=job.device)
+    for m in range(config.grad_accum):
+        batch = data_mod.collate([examples[i] for i in mine[m * micro:(m + 1) * micro]], job.tokenizer.pad_token_id)
+        state.tokens_seen += int(batch["attention_mask"].sum())
+        with _gradient_sync(loss_of, job.sharded, sync=m == config.grad_accum - 1):
+            with job.autocast:
+                loss, n = loss_of(**_on(batch, job.device))
+            # Weight by label count so the step's loss is the mean over the whole global batch.
+            scaled = loss * n * job.world / labelled
+            (scaled + lk.regularization(job.model) / config.grad_accum).backward()
+        step_loss += scaled.detach()
+    if job.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(step_loss)
+        step_loss /= job.world
+    if not torch.isfinite(step_loss):
+        kept = f"the last good checkpoint is {state.last_good}" if state.last_good else "no checkpoint was written"
+        raise TrainingError(f"loss is {step_loss.item()} at step {state.step + 1}; stopping ({kept})")
+    return step_loss
+
+
+def commit_step(job: Job, state: TrainState, loss: torch.Tensor, record, progress) -> None:
+    """Clip the gradients, then commit the step whole (a Ctrl-C waits for it): AdamW update, schedule, the
+    methods' per-step hooks (``lk.step``), counters, random state, the metrics row."""
+    if job.config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(job.params, job.config.max_grad_norm)
+    with _ctrl_c_held():
+        job.optimizer.step()
+        lr = job.scheduler.get_last_lr()[0]  # the rate this step used
+        job.scheduler.step()
+        lk.step(job.model, state.step)
+        job.optimizer.zero_grad(set_to_none=True)
+        state.step, state.position = state.step + 1, state.position + 1
+        state.rng = _rng_state(job.device)
+        rate = state.tokens_seen * job.world / max(time.time() - state.t0, 1e-9)
+        record(step=state.step, loss=loss.item(), lr=lr, tokens_per_s=rate)
+        progress.update(loss.item(), rate)
+
+
+def _between_steps(job: Job, state: TrainState, record) -> None:
+    """The validation loss every --val-every steps, and a checkpoint every --save-every (the last step's is
+    written after the loop)."""
+    config = job.config
+    # Under FSDP every process takes part in each forward, so all of them validate.
+    validate = config.val_every and state.step % config.val_every == 0 and job.data.validation.examples
+    if validate and (job.main or job.strategy == "fsdp"):
+        record(step=state.step, val_loss=validation_loss(job.model, job.data.validation.examples,
+                                                         job.tokenizer.pad_token_id, config.eval_batch_size,
+                                                         job.device))
+    if config.save_every and state.step % config.save_every == 0 and state.step < config.steps:
+        weights = _full_state(job.model, job.optimizer)
+        if job.main:
+            state.last_good = _checkpoint(job, state, weights)
+
+
+def _loss_module(job: Job):
+    """The completion loss of the model: the differentiable step, wrapped in DDP under --strategy ddp."""
+    loss_of = CompletionLoss(job.model)
+    if job.strategy != "ddp":
+        return loss_of
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(loss_of, device_ids=[job.device.index] if job.device.type == "cuda" else None)
+
+
+def _checkpoint(job: Job, state: TrainState, weights: tuple[dict, dict]) -> Path:
+    """Checkpoint ``state``'s step with ``weights`` (``_full_state``), keeping the last --keep-last."""
+    return save_checkpoint(job.run, state.step, weights, job.scheduler, (state.epoch, state.position), state.rng,
+                           job.config.keep_last)
+
+
+def finish(job: Job, state: TrainState, weights: tuple[dict, dict], record) -> dict:
+    """Save the adapter and its prompt format, merge it for speed, measure accuracy after; the summary (on the
+    other processes: task, steps and batch size only)."""
+    config = job.config
+    summary = {"task": config.task if not config.data else Path(config.data).name, "steps": state.step,
+               "batch_size": job.batch_size}
+    if not job.main:
+        return summary
+    model = job.model
+    if job.strategy == "fsdp":  # evaluate and save a whole copy: the trained one is sharded across processes
+        model, _ = models.load(config.model, log=job.say, device=job.device)
+        prepare(model, job.recipe, config, job.say)
+        model.load_state_dict(weights[0], strict=False)
+    lk.save(model, job.run / "adapter")
+    data_mod.write_prompt_format(job.run / "adapter", job.data.prompt_format)
+    if not config.quantize:  # zero added latency; a quantized base would merge into a float copy
+        merge_for_inference(model, job.say)
+    t1 = time.time()
+    evaluation = job.data.evaluation
+    after, rows = accuracy(model, job.tokenizer, evaluation, config) if evaluation else (None, [])
+    eval_seconds = time.time() - t1
+    with open(job.run / "predictions.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    record(accuracy_before=job.before, accuracy_after=after)
+    return {**summary, "accuracy_before": job.before, "accuracy_after": after, "eval_examples": len(evaluation),
+            "trainable": job.trainable, "total": job.total, "seconds": time.time() - job.started,
+            "train_seconds": state.train_seconds, "eval_seconds": eval_seconds,
+            "tokens_per_s": state.tokens_seen * job.world / max(state.train_seconds, 1e-9),
+            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "truncated": job.data.train.truncated, "dropped": job.data.train.dropped,
+            "adapter": str(job.run / "adapter")}
 
 
 class _progress:
@@ -683,7 +798,7 @@ def _plot(run: Path) -> None:
     plt.close(fig)
 
 
-def _report(run: Path, config: FinetuneConfig, s: dict) -> None:
+def _report(run: Path, config: FinetuneConfig, recipe: Method, s: dict) -> None:
     def pct(v):
         return "-" if v is None else f"{v:.1f}%"
 
@@ -694,7 +809,7 @@ def _report(run: Path, config: FinetuneConfig, s: dict) -> None:
 | task | {s['task']} ({s['eval_examples']} held-out examples, exact match) |
 | accuracy before | {pct(s['accuracy_before'])} |
 | accuracy after | {pct(s['accuracy_after'])} |
-| method | {config.method}, rank {config.rank}, alpha {config.alpha}, targets {config.targets} |
+| method | `{recipe!r}` ({config.method}), targets {config.targets} |
 | trainable parameters | {s['trainable']:,} of {s['total']:,} ({100 * s['trainable'] / s['total']:.3f}%) |
 | steps × batch | {s['steps']} × {s['batch_size']} |
 | time | {s['seconds']:.0f} s (training {s['train_seconds']:.0f} s, evaluation after {s['eval_seconds']:.0f} s) |
