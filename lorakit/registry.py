@@ -65,6 +65,7 @@ class Option:
 
 _ENTRIES: dict[str, Entry] = {}
 _plugins_loaded = False
+DEFAULT = "lora"  # the method the commands use unless told
 
 
 def register(recipe: type | str, name: str | None = None, **defaults: Any) -> type:

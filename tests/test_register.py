@@ -172,6 +172,7 @@ def test_the_shared_matrix_takes_it_by_itself(toy, tmp_path):
 
 def test_the_cli_offers_it_with_its_options(toy, tmp_path, capsys):
     from lorakit.cli import main
+    from test_train import save_tiny_model
 
     assert main(["params", "--method", "toy_vera", "--shape", "64x32", "--rank", "4"]) == 0
     out = capsys.readouterr().out
@@ -180,3 +181,11 @@ def test_the_cli_offers_it_with_its_options(toy, tmp_path, capsys):
         main(["finetune", "--method", "toy_vera", "--help"])
     shown = capsys.readouterr().out
     assert "--d-init" in shown and "rank of the frozen random factors" in shown and "--toy-vera-seed" in shown
+    # Its settings as flags train it: the saved adapter holds that recipe (the run's --seed is another setting).
+    run = tmp_path / "run"
+    assert main(["finetune", "--model", str(save_tiny_model(tmp_path / "tiny")), "--out", str(run), "--method",
+                 "toy_vera", "--rank", "3", "--d-init", "0.5", "--toy-vera-seed", "7", "--seed", "1", "--steps", "2",
+                 "--batch-size", "4", "--train-examples", "8", "--eval-examples", "2", "--max-new-tokens", "2",
+                 "--skip-eval-before", "--save-every", "0", "--targets", "q_proj,v_proj"]) == 0
+    saved = json.loads((run / "adapter/adapter_config.json").read_text())
+    assert saved["lorakit_method"] == "toy_vera" and saved["lorakit_recipe"] == {"rank": 3, "d_init": 0.5, "seed": 7}

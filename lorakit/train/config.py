@@ -67,7 +67,7 @@ class TrainingDataConfig(DataConfig):
 
 @dataclass
 class AdapterConfig:
-    method: str = option("lora", METHOD_HELP)
+    method: str = option(registry.DEFAULT, METHOD_HELP)
     targets: str = option("all-linear", "'all-linear', a comma-separated list of module names, or a regex")
     quantize: str = option("", "QLoRA: hold the frozen base in nf4 (4-bit NormalFloat, double-quantized), fp4 or "
                            "int8 (bitsandbytes); empty = full precision", ("", "nf4", "fp4", "int8"))
@@ -160,7 +160,7 @@ class MergeConfig(ModelConfig):
 @dataclass
 class ParamsConfig:
     shape: str = option("4096x4096", "weight shape d_out x d_in, e.g. 8192x8192 (comma-separate several)")
-    method: str = option("lora", METHOD_HELP)
+    method: str = option(registry.DEFAULT, METHOD_HELP)
     count: int = option(1, "how many matrices of that shape")
     options: dict = method_settings()
 
