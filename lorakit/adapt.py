@@ -20,7 +20,7 @@ from torch import nn
 from lorakit.errors import AdapterExistsError, ConfigError, MergeError, TargetNotFoundError, UnsupportedLayerError
 from lorakit.kinds import kind_of
 from lorakit.layers import AdaptedLayer, adapted_layers, spec_of
-from lorakit.methods.base import Method, check_finite
+from lorakit.methods.base import Method, check_finite, setting_names
 from lorakit.methods.lora import LoRA
 from lorakit.model import activate, adapter_names
 from lorakit.trained import TrainedModule, add_copy, check_placement, fresh_copy
@@ -127,7 +127,7 @@ def recipe_for(method, path: str, ranks=None, alphas=None):
     """The method with this module's rank/alpha overrides applied."""
     changes = {key: value for key, value in (("rank", _override(ranks, path)), ("alpha", _override(alphas, path)))
                if value is not None}
-    fields = {f.name for f in dataclasses.fields(method)}
+    fields = setting_names(method)
     if set(changes) - fields:
         raise ConfigError(f"{type(method).__name__} has no {sorted(set(changes) - fields)} to override per layer")
     return dataclasses.replace(method, **changes) if changes else method
@@ -142,8 +142,10 @@ def adapt(model: nn.Module, method, targets: Targets = "all-linear", *, name: st
     the adapter trains and saves a copy of its own; the originals stay frozen. Returns ``model``.
     """
     if not isinstance(method, Method) or not dataclasses.is_dataclass(method):
-        raise ConfigError(f"method must be a recipe such as lk.LoRA(rank=8), got {method!r}"
-                          + (": call the class to make one" if isinstance(method, type) else ""))
+        hint = (": call the class to make one" if isinstance(method, type) else
+                ": lk.Method is the base class of recipes, not a method; a method subclasses it as a frozen "
+                "dataclass" if isinstance(method, Method) else "")
+        raise ConfigError(f"method must be a recipe such as lk.LoRA(rank=8), got {method!r}{hint}")
     check_finite(method)
     for what, patterns in (("ranks", ranks), ("alphas", alphas)):
         for pattern in patterns or {}:

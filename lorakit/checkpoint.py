@@ -37,7 +37,7 @@ from lorakit.kinds import kind_of
 from lorakit.errors import (AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, LorakitError,
                             ShapeMismatchError)
 from lorakit.layers import adapted_layers, spec_of
-from lorakit.methods.base import check_finite, recipe_fields
+from lorakit.methods.base import check_finite, recipe_fields, setting_names
 from lorakit.model import adapter_names
 from lorakit.trained import fresh_copy, trained_modules
 
@@ -274,7 +274,7 @@ def read(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _has_rank(recipe) -> bool:
     """Whether ``recipe`` has the ``rank`` and ``alpha`` settings PEFT's rank_pattern / alpha_pattern vary."""
-    return {"rank", "alpha"} <= {f.name for f in dataclasses.fields(recipe)}
+    return {"rank", "alpha"} <= setting_names(recipe)
 
 
 def _recipe(config: dict, where: Path):

@@ -11,12 +11,12 @@ per field of its recipe (``lorakit.registry.options``: type, choices, default, a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from typing import Callable, Sequence
 
 from lorakit import registry
 from lorakit.errors import LorakitError
+from lorakit.methods.base import setting_names
 from lorakit.train import config as cfg
 
 TRAIN_PACKAGES = [("transformers", "transformers>=4.45"), ("gguf", "gguf>=0.10"), ("yaml", "pyyaml"),
@@ -211,7 +211,7 @@ def cmd_params(config: cfg.ParamsConfig) -> int:
 
     config.check()
     recipe = config.recipe()
-    rank = recipe.rank if "rank" in {f.name for f in dataclasses.fields(recipe)} else None
+    rank = recipe.rank if "rank" in setting_names(recipe) else None
     total_trainable = total_full = 0
     for text in config.shape.split(","):
         d_out, d_in = parse_shape(text.strip())

@@ -3,7 +3,7 @@
 The bottom of lorakit's layering: ``layers``, ``model``, ``adapt`` and ``quant`` build on it, and it
 imports none of them. Float kinds (``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Conv1d/2d/3d``,
 ``nn.Embedding``) and quantized ones (bitsandbytes' 4-bit and LLM.int8 layers, told apart by their
-weight's type) live here together; bitsandbytes itself is imported on first use only (``_bnb``), as
+weight's type) live here together; bitsandbytes itself is imported on first use only (``load_bitsandbytes``), as
 it is an optional extra, so ``import lorakit`` never loads it.
 """
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
+
 
 @dataclass(frozen=True)
 class LayerKind:
@@ -58,7 +59,6 @@ _KINDS_BY_LABEL: dict[str, LayerKind] = {}
 def kind_named(label: str) -> LayerKind:
     """The LayerKind registered under ``label``."""
     return _KINDS_BY_LABEL[label]
-
 
 
 def _linear_forward(base, x, weight, bias):
@@ -253,16 +253,10 @@ RESIDUAL_KINDS = {kind: dataclasses.replace(kind, label=f"{kind.label}+principal
                   for kind in (QUANT_4BIT, QUANT_INT8)}
 
 
-def principal_part(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """B·A·x, the float part of a residual base's output, in ``like``'s dtype."""
-    return F.linear(F.linear(x.to(A.dtype), A), B).to(like.dtype)
-
-
 def numel(parameter: torch.Tensor) -> int:
     """How many weights a parameter stands for (a packed 4-bit tensor holds two per byte)."""
     state = getattr(parameter, "quant_state", None) if type(parameter).__name__ == "Params4bit" else None
     return state.shape.numel() if state is not None else parameter.numel()
-
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:

@@ -14,12 +14,13 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit import routing
-from lorakit.errors import ConfigError, AdapterExistsError, MergeError
-from lorakit.kinds import LINEAR, RESIDUAL_KINDS, LayerKind, canonical, kind_of, principal_part
-from lorakit.methods.base import LayerSpec, adapter_dtype
+from lorakit.errors import AdapterExistsError, ConfigError, MergeError
+from lorakit.kinds import LINEAR, RESIDUAL_KINDS, LayerKind, canonical, kind_of
+from lorakit.methods.base import LayerSpec, add_update, adapter_dtype
 
 
 def _make_spec(base: nn.Module, kind: LayerKind, weight: torch.Tensor, holder) -> LayerSpec:
@@ -137,7 +138,8 @@ class AdaptedLayer(nn.Module):
     def _base_forward(self, kind: LayerKind, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out = kind.forward(self.base, x, weight, self.bias)
         if kind.principal:  # not once merged: the merged kind is a float copy that holds P already
-            out = out + principal_part(x, self.principal_A, self.principal_B, out)
+            A, B = self.principal_A, self.principal_B
+            out = add_update(out, F.linear(F.linear(x.to(A.dtype), A), B))
         return out
 
     def _unmerged_base(self) -> tuple[LayerKind, nn.Module, torch.Tensor]:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from lorakit.errors import ConfigError
 from lorakit.methods import adalora, dora, lora, lora_xs, pissa, svf, svft
-from lorakit.methods.base import Method
+from lorakit.methods.base import Method, setting_names
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Entry:
 
     def create(self, **settings: Any) -> Method:
         """The recipe with this entry's defaults and ``settings`` (unknown settings are a ConfigError)."""
-        known = {f.name for f in dataclasses.fields(self.recipe)}
+        known = setting_names(self.recipe)
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ConfigError(f"method {self.name!r} has no setting {', '.join(unknown)}; it has {', '.join(sorted(known))}")
@@ -87,7 +87,7 @@ def register(recipe: type | str, name: str | None = None, **defaults: Any) -> ty
         raise ConfigError(f"lk.register: {recipe.__name__} needs a class attribute name = '...' (what saved "
                           "adapter files call it)")
     name = name or own
-    fields = {f.name for f in dataclasses.fields(recipe)}
+    fields = setting_names(recipe)
     if set(defaults) - fields:
         raise ConfigError(f"lk.register: {recipe.__name__} has no setting {sorted(set(defaults) - fields)}")
     taken = _ENTRIES.get(name)

@@ -258,6 +258,8 @@ def test_a_method_class_instead_of_an_instance_is_a_config_error():
         lk.adapt(model, lk.LoRA, ["q_proj"])
     with pytest.raises(lk.ConfigError, match="method must be a recipe"):
         lk.adapt(model, "lora", ["q_proj"])
+    with pytest.raises(lk.ConfigError, match="lk.Method is the base class of recipes, not a method"):
+        lk.adapt(model, lk.Method(), ["q_proj"])
     assert lk.adapter_names(model) == []
 
 

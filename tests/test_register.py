@@ -144,8 +144,8 @@ def test_adapt_train_merge_route_and_reload_in_a_fresh_process(toy, tmp_path):
         from conftest import tiny_llama, token_ids
         model = lk.load(tiny_llama(), {str(tmp_path / "adapter")!r})
         with torch.no_grad():
-            torch.testing.assert_close(model(token_ids()).logits, torch.load({str(tmp_path / "expected.pt")!r}),
-                                       rtol=1e-5, atol=1e-5)
+            expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+            torch.testing.assert_close(model(token_ids()).logits, expected, rtol=1e-5, atol=1e-5)
         print("reloaded", type(model.model.layers[0].self_attn.q_proj.recipes["default"]).__name__)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

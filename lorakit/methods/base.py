@@ -210,6 +210,11 @@ def check_linear(owner: str, spec: LayerSpec, rank: int | None = None) -> None:
         raise ConfigError(f"{owner}: rank {rank} exceeds the layer's {spec.d_out}x{spec.d_in} weight")
 
 
+def setting_names(recipe: Any) -> set[str]:
+    """The names of a recipe's (or recipe class's) settings: its dataclass fields."""
+    return {f.name for f in dataclasses.fields(recipe)}
+
+
 def recipe_fields(recipe: Any) -> dict[str, Any]:
     """The recipe's settings as a JSON-ready dict (what a saved config stores)."""
     return {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)}
@@ -224,7 +229,7 @@ def add_update(out: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """``out`` + an adapter's ``update`` of the same shape, in ``out``'s dtype.
 
     On a 16-bit base under float32 adapters the sum is taken in float32 and rounded once, as PEFT does
-    (rounding the update to 16 bits first, then the sum, doubled the error: 3e-2 on bf16 logits).
+    (rounding the update to 16 bits first, then the sum, left bf16 logits 3.4e-3 from PEFT's on a tiny Llama).
     """
     if out.dtype == update.dtype:
         return out + update

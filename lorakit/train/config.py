@@ -18,7 +18,7 @@ from typing import Any
 
 from lorakit import registry
 from lorakit.errors import ConfigError
-from lorakit.methods.base import Method
+from lorakit.methods.base import Method, setting_names
 
 
 def option(default, help: str, choices: tuple | None = None):
@@ -128,7 +128,7 @@ class FinetuneConfig(ScoringConfig, AdapterConfig, TrainingDataConfig, ModelConf
         """The settings a run of ``steps`` (default: --steps's default) gives ``method`` unless told:
         FINETUNE_DEFAULTS where its recipe has the field, and its recipe's ``training_defaults``."""
         entry = registry.entry(method)
-        own = {f.name for f in dataclasses.fields(entry.recipe)} - set(entry.defaults)
+        own = setting_names(entry.recipe) - set(entry.defaults)
         steps = cls.steps if steps is None else steps
         return {**{k: v for k, v in FINETUNE_DEFAULTS.items() if k in own}, **entry.recipe.training_defaults(steps)}
 
