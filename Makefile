@@ -5,17 +5,20 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: finetune demo test test-slow bench clean
+.PHONY: finetune serve demo test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[train,test,bench]'
+	$(PY) -m pip install --quiet -e '.[train,serve,test,bench]'
 	touch $@
 
 finetune: $(VENV)/.installed
 	$(VENV)/bin/lorakit finetune $(ARGS)
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/lorakit serve $(ARGS)
 
 demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py

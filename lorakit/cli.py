@@ -1,4 +1,4 @@
-"""The ``lorakit`` command: ``finetune | eval | generate | merge | params``.
+"""The ``lorakit`` command: ``finetune | eval | generate | merge | serve | params``.
 
 Every flag comes from a typed config dataclass (``lorakit/train/config.py``): its field name, type,
 default and help. ``--config file.yaml`` sets any of them; flags given on the command line win.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from lorakit import registry
@@ -21,6 +22,8 @@ from lorakit.train import config as cfg
 
 TRAIN_PACKAGES = [("transformers", "transformers>=4.45"), ("gguf", "gguf>=0.10"), ("yaml", "pyyaml"),
                   ("matplotlib", "matplotlib")]
+SERVE_PACKAGES = [("fastapi", "fastapi>=0.110"), ("uvicorn", "uvicorn>=0.29"),
+                  ("prometheus_client", "prometheus-client>=0.20")]
 
 
 def _add_fields(parser: argparse.ArgumentParser, config_cls) -> None:
@@ -31,6 +34,9 @@ def _add_fields(parser: argparse.ArgumentParser, config_cls) -> None:
             help_text = f"{f.metadata['help']}: {', '.join(registry.names())} (default: {f.default!r})"
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text,
+                                metavar=f.name.upper())
         else:
             choices = f.metadata.get("choices")  # shown as the metavar, {a,b,c}, so --help lists them
             parser.add_argument(flag, type=type(f.default), choices=choices, default=argparse.SUPPRESS,
@@ -106,10 +112,10 @@ def build_config(config_cls, args: argparse.Namespace):
     return cfg.from_dict(config_cls, {**values, **given}, where)
 
 
-def _ensure_training_packages() -> None:
+def _ensure_packages(packages) -> None:
     from lorakit.train.models import ensure_package
 
-    for module, requirement in TRAIN_PACKAGES:
+    for module, requirement in packages:
         ensure_package(module, requirement, log=lambda m: print(m, file=sys.stderr))
 
 
@@ -206,6 +212,42 @@ def cmd_merge(config: cfg.MergeConfig) -> int:
     return 0
 
 
+def cmd_serve(config: cfg.ServeConfig) -> int:
+    import os
+
+    import uvicorn
+
+    from lorakit.serve.app import Server, discover
+    from lorakit.train import models
+
+    pairs = {}
+    for given in config.adapter:
+        name, sep, directory = given.partition("=")
+        if not (sep and name and directory):
+            raise cfg.ConfigError(f"--adapter {given!r}: expected NAME=DIR")
+        if name in pairs:
+            raise cfg.ConfigError(f"--adapter: the name {name!r} is given twice")
+        pairs[name] = directory
+    model, tokenizer = models.load(config.model, log=_say, device=models.resolve_device(config.device))
+    base = config.served_model_name or (Path(config.model).resolve().name if config.model else models.DEFAULT_MODEL)
+    server = Server(model, tokenizer, base, pairs, api_key=config.api_key or os.environ.get("LORAKIT_API_KEY"),
+                    adapters_dir=config.adapters_dir, allow_runtime_adapters=config.allow_runtime_adapters,
+                    max_batch=config.max_batch, max_loaded_adapters=config.max_loaded_adapters,
+                    max_queue=config.max_queue)
+    if not pairs:  # found, not asked for: one that does not fit this model (another model's run) is skipped
+        for name, directory in discover(config.adapters_dir).items():
+            try:
+                server.add(name, directory)
+            except LorakitError as e:
+                _say(f"lorakit serve: skipping {directory}: {e}")
+    shown = "localhost" if config.host in ("127.0.0.1", "::1") else config.host
+    print(f"lorakit serve: http://{shown}:{config.port} (playground at /, OpenAI API at /v1)\n"
+          f"  model {base!r}; adapters: {', '.join(server.served()) or 'none'}"
+          + ("; API key required" if server.api_key else ""), flush=True)
+    uvicorn.run(server.app, host=config.host, port=config.port, log_level="warning")
+    return 0
+
+
 def cmd_params(config: cfg.ParamsConfig) -> int:
     from lorakit.analysis import parse_shape, trainable_numel, training_memory_bytes
 
@@ -239,6 +281,8 @@ COMMANDS: dict[str, tuple[type, Callable, str, bool]] = {
     "eval": (cfg.EvalConfig, cmd_eval, "exact-match accuracy of a model (+ adapter) on a task or data file", True),
     "generate": (cfg.ChatConfig, cmd_generate, "answer a prompt, or chat, with a model (+ adapter)", True),
     "merge": (cfg.MergeConfig, cmd_merge, "merge an adapter into its model and write a Hugging Face model dir", True),
+    "serve": (cfg.ServeConfig, cmd_serve, "serve the model and its adapters over an OpenAI-compatible HTTP API, "
+                                          "batching requests across adapters", True),
     "params": (cfg.ParamsConfig, cmd_params, "trainable parameters and memory of a method on given shapes", False),
 }
 
@@ -268,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         config_cls, run, _, needs_training_packages = COMMANDS[args.command]
         config = build_config(config_cls, args)
         if needs_training_packages:
-            _ensure_training_packages()
+            _ensure_packages(TRAIN_PACKAGES + (SERVE_PACKAGES if run is cmd_serve else []))
         return run(config)
     except LorakitError as e:
         print(f"lorakit {command}: error: {e}", file=sys.stderr)

@@ -10,9 +10,10 @@ from pathlib import Path
 import lorakit
 
 ROOT = Path(lorakit.__file__).parent
-# The core: what `import lorakit` loads. The CLI and the trainer (lorakit.train) sit on top of it and may
-# import lazily (transformers, matplotlib, torch.distributed are loaded only by the commands that need them).
-CORE_EXCLUDED = ("lorakit.cli", "lorakit.__main__", "lorakit.train")
+# The core: what `import lorakit` loads. The CLI, the trainer (lorakit.train) and the server (lorakit.serve) sit
+# on top of it and may import lazily (transformers, matplotlib, torch.distributed, uvicorn are loaded only by the
+# commands that need them).
+CORE_EXCLUDED = ("lorakit.cli", "lorakit.__main__", "lorakit.train", "lorakit.serve")
 # Imports inside functions the core is allowed, each an optional extra loaded on first use.
 LAZY_ALLOWED = {("lorakit.kinds", "bitsandbytes"), ("lorakit.kinds", "bitsandbytes.functional")}
 

@@ -158,6 +158,27 @@ class MergeConfig(ModelConfig):
 
 
 @dataclass
+class ServeConfig(ModelConfig):
+    served_model_name: str = option("", "the base model's name in the API (a request's `model` field); default: "
+                                    "its directory's name (smollm2-135m-instruct for the embedded model)")
+    adapter: tuple = option((), "NAME=DIR: serve the adapter in DIR as model NAME (repeat for more); default: "
+                            "every adapter under --adapters-dir (runs/*/adapter)")
+    adapters_dir: str = option("runs", "directory of adapters: each DIR/NAME/adapter (as lorakit finetune writes "
+                               "them) or DIR/NAME is served as NAME unless --adapter is given; run-time loads come "
+                               "from under it only")
+    host: str = option("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
+    port: int = option(8000, "TCP port")
+    api_key: str = option("", "require 'Authorization: Bearer KEY' on every endpoint but /health and the page; "
+                          "default: $LORAKIT_API_KEY, else none")
+    max_batch: int = option(32, "requests decoded together in one forward (the running batch)")
+    max_loaded_adapters: int = option(16, "adapters kept on the model; the least recently used idle one is "
+                                      "unloaded for another and reloaded on demand")
+    max_queue: int = option(256, "requests waiting for a place in the batch; more are answered 429")
+    allow_runtime_adapters: bool = option(False, "allow POST /v1/adapters and DELETE /v1/adapters/NAME (loads "
+                                          "from under --adapters-dir only)")
+
+
+@dataclass
 class ParamsConfig:
     shape: str = option("4096x4096", "weight shape d_out x d_in, e.g. 8192x8192 (comma-separate several)")
     method: str = option(registry.DEFAULT, METHOD_HELP)
@@ -193,7 +214,7 @@ def takes_method(config_cls) -> bool:
 def command_settings() -> set[str]:
     """Every name a command's flag or YAML key already has (and argparse's own): a method setting of one of
     these names is spelled ``<method>_<name>`` instead."""
-    configs = (FinetuneConfig, EvalConfig, ChatConfig, MergeConfig, ParamsConfig)
+    configs = (FinetuneConfig, EvalConfig, ChatConfig, MergeConfig, ServeConfig, ParamsConfig)
     return {f.name for c in configs for f in dataclasses.fields(c)} | {"config", "help", "command"}
 
 
@@ -262,7 +283,7 @@ def _elsewhere(unknown: list[str], method: str | None) -> str:
 
 
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", tuple: "a list of text"}
 
 
 def _coerced(f: dataclasses.Field, value, where: str):
@@ -294,7 +315,12 @@ def _coerced_option(key: str, o: registry.Option, value, where: str):
 
 
 def as_kind(kind: type, value):
-    """``value`` as a ``kind`` (bool, int, float or str); TypeError or ValueError when it is not one."""
+    """``value`` as a ``kind`` (bool, int, float, str, or tuple of str); TypeError or ValueError when it is not one."""
+    if kind is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise TypeError
+        return tuple(as_kind(str, item) for item in items)
     if kind is bool:
         if isinstance(value, str) and value.lower() in _BOOLS:
             return _BOOLS[value.lower()]

@@ -1,0 +1,1 @@
+"""``lorakit serve``: one base model, many adapters, one OpenAI-compatible server (see ``app`` and ``engine``)."""
