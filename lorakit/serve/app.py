@@ -314,12 +314,13 @@ class Server:
             raise APIError(400, f"{path!r} holds no {SAFETENSORS} (only safetensors adapters are loaded at run "
                                 "time)", param="path")
         try:
-            prompt_format = data.read_prompt_format(directory)
+            # its prompt format is known before any request can name it
+            self.formats[name] = data.read_prompt_format(directory)
             await asyncio.wrap_future(self.engine.call(lambda: self.store.add(name, directory,
                                                                               self.engine.busy_adapters())))
         except LorakitError as e:
+            self.formats.pop(name, None)
             raise APIError(400, f"cannot load {path!r}: {e}", param="path") from None
-        self.formats[name] = prompt_format
         return self._card(name)
 
     async def _unload(self, name: str) -> None:
