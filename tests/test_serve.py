@@ -170,6 +170,19 @@ def test_joining_and_leaving_in_any_order_changes_no_answer(served, client):
     assert [c.finish_reason for c in mixed] == [c.finish_reason for c in alone]
 
 
+def test_prefill_batches_group_similar_lengths_within_a_token_budget():
+    from lorakit.serve.engine import Generation, Sampling, _prefill_groups
+
+    generations = [Generation([0] * n, None, Sampling(1), print) for n in (40, 3, 30, 4, 100, 5, 33)]
+    groups = [[len(g.prompt_ids) for g in group] for group in _prefill_groups(generations, budget=120)]
+    # 30 after 5 would be mostly padding; 100 after 40 would pass the budget (4 x 100 > 120)
+    assert groups == [[3, 4, 5], [30, 33, 40], [100]]
+    assert [len(g) for g in _prefill_groups(generations, budget=80)] == [3, 2, 1, 1]
+    assert sorted(n for group in groups for n in group) == [3, 4, 5, 30, 33, 40, 100]
+    for group in groups:
+        assert len(group) == 1 or (max(group) * len(group) <= 120 and sum(group) >= max(group) * len(group) * 2 / 3)
+
+
 def test_streamed_answers_equal_whole_ones(client):
     for model in ("lora-a", "dora"):
         whole = chat(client, model, "hello")

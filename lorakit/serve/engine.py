@@ -1,15 +1,17 @@
 """Continuous batching across adapters: one model in memory, one forward per decode step for every request.
 
 The engine runs in a thread of its own. Between two decode steps it runs the calls queued for it (adapter
-loads and unloads), drops cancelled requests, and admits waiting ones: each is prefilled alone, with its
-own adapter, and its keys and values join the running batch's (``KVSlab``). A decode step then feeds every
-running request its last token in one forward, row i routed through request i's adapter by ``lk.route``
-(``lorakit/routing.py``: factored adapters stacked once and gathered per row; the stacks are kept across
-steps while the adapters do not change). Finished requests leave the batch at once.
+loads and unloads), drops cancelled requests, and admits waiting ones: they are prefilled together, in
+batches of similar prompt length (``_prefill_groups``), left-padded, each row through its own adapter,
+and each request's keys and values join the running batch's (``KVSlab``) as a row of its own. A decode
+step then feeds every running request its last token in one forward, row i routed through request i's
+adapter by ``lk.route`` (``lorakit/routing.py``: factored adapters stacked once and gathered per row; the
+stacks are kept across steps while the adapters do not change). Finished requests leave the batch at once.
 
-Every request is prefilled alone and its KV is kept row by row, so what it computes does not depend on
-which other requests share its steps: a greedy answer is the same alone, in any mixed batch, and from
-``lorakit generate`` with its adapter (tests/test_serve.py checks all three).
+A row computes from its own tokens, KV and adapter only: what other rows share its forwards changes
+nothing but the summation order inside batched matmuls (about 1e-7 relative in float32). A greedy answer
+is the same alone, in any mixed batch, and from ``lorakit generate`` with its adapter
+(tests/test_serve.py checks all three, and tests/test_e2e.py on the embedded model).
 """
 
 from __future__ import annotations
@@ -92,24 +94,25 @@ class KVSlab:
         self.n = 0  # columns in use
         self.pad: list[int] = []
 
-    def join(self, cache) -> int:
-        """Add a prefilled sequence (``cache``: its DynamicCache, batch 1) as the last row; its row index."""
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        length = layers[0][0].shape[2]
+    def join(self, cache, row: int = 0, start: int = 0) -> int:
+        """Add row ``row`` of a prefill's ``cache`` (a DynamicCache), from column ``start`` on (before it: that
+        row's left padding), as the slab's last row; its index."""
+        layers = [(layer.keys[row, :, start:], layer.values[row, :, start:]) for layer in cache.layers]
+        length = layers[0][0].shape[1]
         if not self.keys:
-            self.keys = [k.new_zeros(_grown(0, 1), k.shape[1], _grown(0, length + 1), k.shape[3]) for k, _ in layers]
-            self.values = [v.new_zeros(_grown(0, 1), v.shape[1], self.keys[0].shape[2], v.shape[3]) for _, v in layers]
+            self.keys = [k.new_zeros(_grown(0, 1), k.shape[0], _grown(0, length + 1), k.shape[2]) for k, _ in layers]
+            self.values = [v.new_zeros(_grown(0, 1), v.shape[0], self.keys[0].shape[2], v.shape[2]) for _, v in layers]
         if length > self.n:
             self._reserve(self.rows, length + 1)
             self._shift(length - self.n)
         self._reserve(self.rows + 1, self.n + 1)
-        row = self.rows
+        slot = self.rows
         for buffer, (k, v) in zip(zip(self.keys, self.values), layers):
-            buffer[0][row, :, self.n - length:self.n] = k[0]
-            buffer[1][row, :, self.n - length:self.n] = v[0]
+            buffer[0][slot, :, self.n - length:self.n] = k
+            buffer[1][slot, :, self.n - length:self.n] = v
         self.pad.append(self.n - length)
         self.rows += 1
-        return row
+        return slot
 
     def leave(self, row: int) -> None:
         """Remove ``row``; the last row takes its place (callers remove rows from the highest index down)."""
@@ -289,12 +292,14 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, adapters: Adapters, max_batch: int = 32, max_queue: int = 256,
-                 metrics=None):
+                 metrics=None, prefill_tokens: int = 2048):
         for flag, value in (("--max-batch", max_batch), ("--max-queue", max_queue)):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
+        self.prefill_tokens = prefill_tokens
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = next(model.parameters()).device
         # transformers 5.x renamed the cache argument: `cache` where the forward takes it
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -391,8 +396,9 @@ class Engine:
 
     def _admit(self) -> None:
         """Prefill waiting requests (oldest first) while there are free rows and their adapters fit."""
+        admitted: list[Generation] = []
         skipped: list[Generation] = []
-        while len(self.running) < self.max_batch:
+        while len(self.running) + len(admitted) < self.max_batch:
             with self._wake:
                 if not self.waiting:
                     break
@@ -402,40 +408,59 @@ class Engine:
                     self._fail(g, f"the adapter {g.adapter!r} is no longer served", 404)
                     continue
                 try:
-                    if not self.adapters.ensure(g.adapter, self.busy_adapters()):
+                    busy = self.busy_adapters() | {a.adapter for a in admitted}
+                    if not self.adapters.ensure(g.adapter, busy):
                         skipped.append(g)  # every loaded adapter is busy: it waits for one to be free
                         continue
                 except LorakitError as e:
                     self._fail(g, f"cannot load the adapter {g.adapter!r}: {e}", 500)
                     continue
-            self._prefill(g)
+            admitted.append(g)
         if skipped:
             with self._wake:
                 self.waiting.extendleft(reversed(skipped))
+        for group in _prefill_groups(admitted, self.prefill_tokens):
+            self._prefill(group)
 
-    def _prefill(self, g: Generation) -> None:
+    def _prefill(self, group: list[Generation]) -> None:
+        """One routed forward over ``group``'s prompts, left-padded to the longest; each joins the batch."""
         from transformers import DynamicCache
 
+        lengths = [len(g.prompt_ids) for g in group]
+        width = max(lengths)
         try:
-            ids = torch.tensor([g.prompt_ids], device=self.device)
+            ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for i, g in enumerate(group):
+                ids[i, width - lengths[i]:] = torch.tensor(g.prompt_ids)
+                mask[i, width - lengths[i]:] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first token, as generate does
             cache = DynamicCache()
-            with lk.route(self.model, [self._internal(g)]):
-                out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                                 position_ids=torch.arange(ids.shape[1], device=self.device)[None], logits_to_keep=1,
-                                 **{self._cache_arg: cache})
+            with lk.route(self.model, [self._internal(g) for g in group]):
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 logits_to_keep=1, **{self._cache_arg: cache})
+            for i, g in enumerate(group):
+                self.slab.join(cache, row=i, start=width - lengths[i])
+                self.running.append(g)
+        except Exception as e:  # a failed prefill must not stop the requests already running
+            for g in group:
+                if g in self.running:
+                    self._leave(self.running.index(g))
+                self._fail(g, f"prefill failed: {type(e).__name__}: {e}", 500)
+            return
+        for g in group:
+            g.cached = len(g.prompt_ids)
             if g.sampling.seed is not None or g.sampling.temperature > 0:
                 g.generator = torch.Generator(device=self.device)
                 g.generator.manual_seed(g.sampling.seed if g.sampling.seed is not None
                                         else int(torch.randint(2 ** 62, ()).item()))
-            self.slab.join(cache)
-        except Exception as e:  # a failed request must not stop the others
-            self._fail(g, f"prefill failed: {type(e).__name__}: {e}", 500)
-            return
-        g.cached = len(g.prompt_ids)
-        self.running.append(g)
         if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(len(g.prompt_ids))
-        self._accept(len(self.running) - 1, self._choose(out.logits[:, -1], [g])[0])
+            self.metrics.prompt_tokens.inc(sum(lengths))
+        tokens = self._choose(out.logits[:, -1], group)
+        first = len(self.running) - len(group)
+        for i in range(len(group) - 1, -1, -1):
+            self._accept(first + i, tokens[i])
 
     def _decode(self) -> None:
         """One forward for every running request: its last token in, its next token out."""
@@ -521,6 +546,21 @@ class Engine:
     def _observe(self) -> None:
         if self.metrics is not None:
             self.metrics.observe_state(self)
+
+
+def _prefill_groups(generations: list[Generation], budget: int) -> list[list[Generation]]:
+    """``generations`` in prefill batches: by length, each at most ``budget`` padded positions (one prompt at
+    least) and at most a third padding, so that no batch computes much that it throws away."""
+    groups: list[list[Generation]] = []
+    for g in sorted(generations, key=lambda g: len(g.prompt_ids)):
+        group = groups[-1] if groups else None
+        if group is not None:
+            width, real = len(g.prompt_ids), sum(len(x.prompt_ids) for x in group) + len(g.prompt_ids)
+            if width * (len(group) + 1) <= budget and real >= width * (len(group) + 1) * 2 / 3:
+                group.append(g)
+                continue
+        groups.append([g])
+    return groups
 
 
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
