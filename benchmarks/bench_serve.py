@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import copy
 import dataclasses
 import gc
@@ -62,7 +61,6 @@ import inspect
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -277,30 +275,6 @@ def summarise(results: list[dict]) -> dict:
 
 
 # --- serving: ours and the baseline -------------------------------------------------------------------
-@contextlib.contextmanager
-def serve_app(app):
-    """uvicorn on 127.0.0.1 (a free port) in a background thread; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not web.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the baseline server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        web.should_exit = True
-        thread.join(30)
-        sock.close()
-
-
 def batched_prefill(engine) -> bool:
     """Whether this engine prefills requests in groups (``_prefill(group)``) or one at a time (``_prefill(g)``)."""
     return "group" in inspect.signature(type(engine)._prefill).parameters
@@ -372,6 +346,7 @@ def run_engine_only(model, tokenizer, dirs: list[Path], requests: list[Request],
     layer and the client cost, by difference."""
     from lorakit.serve.engine import Engine, Generation, Sampling
 
+    gc.collect()  # the previous run's model copy, held in reference cycles
     served = copy.deepcopy(model)
     engine = Engine(served, tokenizer, _loaded(served, dirs), max_batch=args.max_batch,
                     max_queue=max(256, 2 * len(requests)))
@@ -417,8 +392,6 @@ def run_engine_only(model, tokenizer, dirs: list[Path], requests: list[Request],
             results = run(requests)
     finally:
         engine.stop()
-    del engine, served
-    gc.collect()
     summary = summarise(results)
     summary.update(other_cores=load.cores, decode_steps=clock.steps, rows_per_step=clock.rows / max(clock.steps, 1),
                    prefill_s=clock.prefill_s, decode_s=clock.decode_s, prefill_forwards=clock.prefill_forwards,
@@ -519,12 +492,14 @@ def baseline_app(held: dict, tokenizer):
 def run_baseline(model, tokenizer, dirs: list[Path], requests: list[Request], args) -> tuple[dict, list[dict]]:
     from peft import PeftModel
 
+    from lorakit.serve.app import running
+
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(dirs[0]), adapter_name="a0")
     for i, d in enumerate(dirs[1:], start=1):
         peft_model.load_adapter(str(d), adapter_name=f"a{i}")
     peft_model.eval()
     held = {"model": peft_model}
-    with serve_app(baseline_app(held, tokenizer)) as url:
+    with running(baseline_app(held, tokenizer)) as url:
         warm_up(url, len(dirs), min(2, args.warmup_requests))
         wait_quiet(args.wait_quiet)
         with ForeignLoad() as load:
@@ -671,8 +646,6 @@ def bench_step(model, tokenizer, dirs: list[Path], args) -> dict:
                      "forward_ms": 1e3 * forwards[k], "forward_vs_plain": forwards[k] / plain_fwd,
                      "outside_forward_ms": 1e3 * (steps[k] - forwards[k])} for k in engines]}
     print(f"  step: {out}", file=sys.stderr, flush=True)
-    del engines, adapted, plain, served
-    gc.collect()
     return out
 
 
@@ -744,8 +717,6 @@ def bench_prefill(model, tokenizer, dirs: list[Path], args) -> dict:
            "engine_speedup": t["alone"] / t["engine"], "padded_speedup": t["alone"] / t["padded"],
            "engine_same_first_token": same("engine"), "padded_same_first_token": same("padded")}
     print(f"  prefill: {out}", file=sys.stderr, flush=True)
-    del adapted, adapters
-    gc.collect()
     return out
 
 
@@ -894,8 +865,10 @@ def main() -> None:
         print(f"  made {count} adapters in {results['adapters_made_s']:.1f} s", file=sys.stderr, flush=True)
         if "step" in sections:
             results["step"] = bench_step(model, tokenizer, dirs, args)
+            gc.collect()
         if "prefill" in sections:
             results["prefill"] = bench_prefill(model, tokenizer, dirs, args)
+            gc.collect()
         if "http" in sections:
             results["http"] = bench_http(model, tokenizer, dirs, args)
     results["wall_s"] = time.perf_counter() - started

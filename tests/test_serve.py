@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import http.client
-import io
 import json
 import os
 import socket

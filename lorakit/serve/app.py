@@ -365,14 +365,15 @@ def discover(root: str | Path) -> dict[str, Path]:
 
 
 @contextlib.contextmanager
-def running(server: Server, host: str = "127.0.0.1", port: int = 0):
-    """Serve ``server`` with uvicorn in a background thread (port 0: a free one); yields the base URL."""
+def running(server, host: str = "127.0.0.1", port: int = 0):
+    """Serve ``server`` (a Server, or any ASGI app) with uvicorn in a background thread (port 0: a free one);
+    yields the base URL."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    web = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", lifespan="on"))
+    web = uvicorn.Server(uvicorn.Config(getattr(server, "app", server), log_level="warning", lifespan="on"))
     thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, name="lorakit-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
