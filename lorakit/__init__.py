@@ -9,6 +9,7 @@ and those of methods registered with ``lk.register``); see ``lorakit/registry.py
 
 from lorakit import registry
 from lorakit.adapt import adapt, enable_lora
+from lorakit.analysis import resize
 from lorakit.checkpoint import load, save
 from lorakit.compose import combine
 from lorakit.errors import (AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, LorakitError,
@@ -25,7 +26,7 @@ _FUNCTIONS = [
     "AdaptedLayer", "Adapter", "AdapterExistsError", "AdapterFileError", "AdapterNotFoundError", "ConfigError",
     "LayerSpec", "LorakitError", "MergeError", "Method", "ShapeMismatchError", "TargetNotFoundError",
     "UnsupportedLayerError", "activate", "active_adapters", "adapt", "adapter_names", "combine", "delete", "disabled",
-    "enable_lora", "load", "lora_plus_groups", "merge", "quantize", "register", "regularization", "reset", "route",
+    "enable_lora", "load", "lora_plus_groups", "merge", "quantize", "register", "regularization", "reset", "resize", "route",
     "save", "step", "summary", "to_lora", "track", "trainable_parameters", "unload", "unmerge",
 ]
 

@@ -1,4 +1,5 @@
-"""The ``lorakit`` command: ``finetune | eval | generate | merge | serve | params``.
+"""The ``lorakit`` command: ``finetune | eval | generate | merge | serve | spectrum | inspect | resize | advise |
+params``.
 
 Every flag comes from a typed config dataclass (``lorakit/train/config.py``): its field name, type,
 default and help. ``--config file.yaml`` sets any of them; flags given on the command line win.
@@ -28,18 +29,22 @@ SERVE_PACKAGES = [("fastapi", "fastapi>=0.110"), ("uvicorn", "uvicorn>=0.29"),
 
 def _add_fields(parser: argparse.ArgumentParser, config_cls) -> None:
     for f in cfg.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        default = cfg.default_of(f)
+        flags = ("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()))
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
         if f.name == "method":
-            help_text = f"{f.metadata['help']}: {', '.join(registry.names())} (default: {f.default!r})"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif isinstance(f.default, tuple):
-            parser.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text,
-                                metavar=f.name.upper())
+            help_text = f"{f.metadata['help']}: {', '.join(registry.names())} (default: {default!r})"
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=f.metadata["help"], metavar=f.name.upper())
+        elif isinstance(default, bool):
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        elif isinstance(default, (tuple, dict)):
+            parser.add_argument(*flags, dest=f.name, action="append", default=argparse.SUPPRESS, help=help_text,
+                                metavar="REGEX=VALUE" if isinstance(default, dict) else f.name.upper())
         else:
             choices = f.metadata.get("choices")  # shown as the metavar, {a,b,c}, so --help lists them
-            parser.add_argument(flag, type=type(f.default), choices=choices, default=argparse.SUPPRESS,
+            parser.add_argument(*flags, dest=f.name, type=type(default), choices=choices, default=argparse.SUPPRESS,
                                 help=help_text, metavar=None if choices else f.name.upper())
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
                         help="YAML file of settings (flag names, with - or _); flags given here win")
@@ -249,29 +254,130 @@ def cmd_serve(config: cfg.ServeConfig) -> int:
 
 
 def cmd_params(config: cfg.ParamsConfig) -> int:
+    from collections import Counter
+
     from lorakit.analysis import parse_shape, trainable_numel, training_memory_bytes
 
     config.check()
     recipe = config.recipe()
     rank = recipe.rank if "rank" in setting_names(recipe) else None
+    if config.model:
+        shapes, frozen = _model_shapes(config)
+        where = f"{config.model} ({config.targets})"
+    else:
+        shapes = Counter({parse_shape(text.strip()): config.count for text in config.shape.split(",")})
+        frozen, where = None, None
     total_trainable = total_full = 0
-    for text in config.shape.split(","):
-        d_out, d_in = parse_shape(text.strip())
+    for (d_out, d_in), count in shapes.items():
         most = min(d_out, d_in)
         if rank is not None and rank > most:
             raise cfg.ConfigError(f"{cfg.flag_of(config.method, 'rank')} {rank} is more than min(d_out, d_in) = "
                                   f"{most} of {d_out}x{d_in}: an update of that shape has rank at most {most}")
-        trainable = trainable_numel(recipe, d_out, d_in) * config.count
-        full = d_out * d_in * config.count
+        trainable = trainable_numel(recipe, d_out, d_in) * count
+        full = d_out * d_in * count
         total_trainable, total_full = total_trainable + trainable, total_full + full
-        print(f"{d_out}x{d_in} x{config.count}: {recipe!r} trains {trainable:,} "
+        print(f"{d_out}x{d_in} x{count}: {recipe!r} trains {trainable:,} "
               f"vs {full:,} for full fine-tuning ({100 * trainable / full:.4f}%)")
     mib = 2 ** 20
-    print(f"total: {total_trainable:,} trainable vs {total_full:,} full")
+    frozen = total_full if frozen is None else frozen
+    print(f"total: {total_trainable:,} trainable vs {total_full:,} full"
+          + (f" (of the adapted weights); the model {where} has {frozen:,} parameters "
+             f"({100 * total_trainable / frozen:.4f}% trained)" if where else ""))
     print(f"training memory (fp32 weights + grads + AdamW states, no activations): "
-          f"{config.method} {training_memory_bytes(total_trainable, total_full) / mib:,.1f} MiB vs full "
-          f"{training_memory_bytes(total_full, 0) / mib:,.1f} MiB; adapter file {total_trainable * 4 / mib:,.2f} MiB "
+          f"{config.method} {training_memory_bytes(total_trainable, frozen) / mib:,.1f} MiB vs full "
+          f"{training_memory_bytes(frozen, 0) / mib:,.1f} MiB; adapter file {total_trainable * 4 / mib:,.2f} MiB "
           f"(fp32)")
+    return 0
+
+
+def _model_shapes(config: cfg.ParamsConfig):
+    """({(d_out, d_in): count} of the layers ``--targets`` picks on ``--model``, the model's parameter count),
+    from its config alone: the model is built on the meta device, no weight read."""
+    from collections import Counter
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorakit.adapt import select
+    from lorakit.layers import spec_of
+    from lorakit.train import models
+    from lorakit.train.trainer import targets_of
+
+    _ensure_packages(TRAIN_PACKAGES[:1])
+    path = models.model_dir("" if config.model == "default" else config.model, _say)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    except (OSError, ValueError) as e:
+        raise models.ModelError(f"{path}: cannot read the model's config ({e})") from None
+    specs = [spec_of(module) for _, module in select(model, targets_of(config.targets))]
+    shapes = Counter((s.d_out, s.d_in) if s.layout != "embedding" else (s.d_in, s.d_out) for s in specs)
+    return shapes, sum(p.numel() for p in model.parameters())
+
+
+def _loaded(config, adapter: str):
+    """(model on --device with ``adapter`` loaded as "default", tokenizer)."""
+    import lorakit as lk
+    from lorakit.train import models
+
+    model, tokenizer = models.load(config.model, log=_say, device=models.resolve_device(config.device))
+    lk.load(model, adapter)
+    return model, tokenizer
+
+
+def cmd_spectrum(config: cfg.SpectrumConfig) -> int:
+    from lorakit.train import models
+    from lorakit.train.spectra import spectrum_report
+
+    model, _ = models.load(config.model, log=_say, device=models.resolve_device(config.device))
+    spectrum_report(model, config)
+    return 0
+
+
+def cmd_inspect(config: cfg.InspectConfig) -> int:
+    from lorakit.train.spectra import inspect_report
+
+    model, _ = _loaded(config, config.adapter)
+    inspect_report(model, "default", config)
+    return 0
+
+
+def cmd_resize(config: cfg.ResizeConfig) -> int:
+    import shutil
+
+    import lorakit as lk
+    from lorakit.analysis import resize
+    from lorakit.train.data import PROMPT_FILE
+    from lorakit.train.spectra import markdown
+
+    if not config.out:
+        raise cfg.ConfigError("lorakit resize needs --out DIR (the resized adapter is written there)")
+    if bool(config.rank) == bool(config.energy):
+        raise cfg.ConfigError("lorakit resize takes --rank R or --energy E (one of them)")
+    model, _ = _loaded(config, config.adapter)
+    before = sum(p.numel() for p in lk.trainable_parameters(model))
+    report = resize(model, "default", rank=config.rank or None, energy=config.energy or None)
+    after = sum(p.numel() for p in lk.trainable_parameters(model))
+    out = lk.save(model, config.out, format="peft")
+    prompt = Path(config.adapter) / PROMPT_FILE
+    if prompt.is_file():  # the prompt format it was trained on goes with it
+        shutil.copyfile(prompt, out / PROMPT_FILE)
+    print(markdown(("module", "rank", "new rank", "energy kept"),
+                   [[p, r["from_rank"], r["rank"], r["retained"]] for p, r in report.items()]))
+    kept = min(r["retained"] for r in report.values())
+    print(f"resized adapter written to {out} (PEFT format): {before:,} -> {after:,} parameters; the least energy "
+          f"kept by a module is {100 * kept:.2f}%")
+    return 0
+
+
+def cmd_advise(config: cfg.AdviseConfig) -> int:
+    from lorakit.train.spectra import advice
+
+    if config.budget <= 0:
+        raise cfg.ConfigError("lorakit advise needs --budget PARAMS (trainable numbers to allocate, > 0)")
+    if bool(config.from_adapter) == bool(config.probe_steps):
+        raise cfg.ConfigError("lorakit advise takes --from ADAPTER or --probe-steps N (one of them)")
+    advice(config, log=print)
     return 0
 
 
@@ -283,7 +389,16 @@ COMMANDS: dict[str, tuple[type, Callable, str, bool]] = {
     "merge": (cfg.MergeConfig, cmd_merge, "merge an adapter into its model and write a Hugging Face model dir", True),
     "serve": (cfg.ServeConfig, cmd_serve, "serve the model and its adapters over an OpenAI-compatible HTTP API, "
                                           "batching requests across adapters", True),
-    "params": (cfg.ParamsConfig, cmd_params, "trainable parameters and memory of a method on given shapes", False),
+    "spectrum": (cfg.SpectrumConfig, cmd_spectrum, "singular values of a model's weights: effective ranks, energy "
+                                                   "ranks, the share in [0.1, 1.1]; tables, plots and JSON", True),
+    "inspect": (cfg.InspectConfig, cmd_inspect, "what an adapter learned: the spectrum of each module's update, "
+                                                "its effective rank and utilisation, intruder dimensions", True),
+    "resize": (cfg.ResizeConfig, cmd_resize, "an adapter at a lower rank (the best approximation of each update), "
+                                             "or per module at a kept share of energy; PEFT format", True),
+    "advise": (cfg.AdviseConfig, cmd_advise, "per-module ranks for a parameter budget, from a trained adapter or a "
+                                             "short probe run; a YAML for lorakit finetune --config", True),
+    "params": (cfg.ParamsConfig, cmd_params, "trainable parameters and memory of a method on given shapes or on "
+                                             "a whole model", False),
 }
 
 

@@ -209,22 +209,31 @@ def to_lora(model: nn.Module, name: str = "default") -> nn.Module:
 
     The result (rank 2r) is an ordinary LoRA on the untouched base: PEFT loads it when saved.
     """
+    def plain(layer: AdaptedLayer):
+        converted = layer.adapters[name].to_lora()
+        if converted is None:
+            raise ConfigError(f"{layer.path}: adapter {name!r} ({type(layer.recipes[name]).__name__}) "
+                              "has no plain-LoRA form")
+        return converted
+
+    replace(model, name, plain)
+    return model
+
+
+def replace(model: nn.Module, name: str, convert) -> None:
+    """Swap adapter ``name`` on every layer for ``convert(layer)``'s (recipe, adapter), all or none: every
+    conversion is made before any layer changes, so one that raises leaves the model as it was."""
     _check_names(model, [name])
     layers = [layer for _, layer in adapted_layers(model) if name in layer.adapters]
     converted = []
     for layer in layers:
         if name in layer.merged:
             raise MergeError(f"{layer.path}: adapter {name!r} is merged; lk.unmerge(model) first")
-        plain = layer.adapters[name].to_lora()
-        if plain is None:
-            raise ConfigError(f"{layer.path}: adapter {name!r} ({type(layer.recipes[name]).__name__}) "
-                              "has no plain-LoRA form")
-        converted.append((layer, plain))
+        converted.append((layer, convert(layer)))
     for layer, (recipe, adapter) in converted:
         adapter.requires_grad_(name in layer.active)
-        layer.adapters[name], layer.recipes[name] = adapter, recipe
+        layer.adapters[name], layer.recipes[name] = adapter.train(layer.training), recipe
         layer.routing.clear()
-    return model
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:

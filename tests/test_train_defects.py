@@ -296,7 +296,10 @@ def test_a_batch_larger_than_the_data_is_said_and_fills_whole_micro_batches(tiny
     ("eval", ["--device", "--eval-batch-size", "--eval-examples"], ["--train-examples", "--max-length", "--untie"]),
     ("generate", ["--device", "--max-new-tokens", "--prompt"], ["--eval-batch-size", "--eval-examples", "--task"]),
     ("merge", ["--device", "--untie", "--adapter"], ["--max-new-tokens", "--eval-batch-size"]),
-    ("params", ["--rank", "--shape"], ["--device", "--model"]),
+    ("params", ["--rank", "--shape", "--model", "--targets"], ["--device", "--train-examples"]),
+    ("spectrum", ["--model", "--targets", "--niter", "--heatmap"], ["--rank-pattern", "--train-examples", "--adapter"]),
+    ("resize", ["--rank", "--energy", "--out"], ["--train-examples", "--max-new-tokens"]),
+    ("advise", ["--budget", "--from", "--from-adapter", "--probe-steps"], ["--eval-batch-size", "--untie"]),
 ])
 def test_help_lists_only_the_options_a_command_uses(command, present, absent, capsys):
     with pytest.raises(SystemExit):

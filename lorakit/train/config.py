@@ -21,9 +21,20 @@ from lorakit.errors import ConfigError
 from lorakit.methods.base import Method, setting_names
 
 
-def option(default, help: str, choices: tuple | None = None):
-    """A config field with its help text (and allowed values)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def option(default, help: str, choices: tuple | None = None, *, item: type | None = None,
+           positional: bool = False, aliases: tuple[str, ...] = ()):
+    """A config field with its help text (and allowed values). A dict default makes a mapping of regex to
+    ``item`` values (a YAML mapping, or repeated ``--flag REGEX=VALUE``); ``positional`` makes the flag an
+    argument (``lorakit inspect ADAPTER``); ``aliases`` are other flags for it (``--from``, a Python keyword)."""
+    metadata = {"help": help, "choices": choices, "item": item, "positional": positional, "aliases": aliases}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def default_of(f: dataclasses.Field):
+    """A config field's default value."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def method_settings():
@@ -69,6 +80,9 @@ class TrainingDataConfig(DataConfig):
 class AdapterConfig:
     method: str = option(registry.DEFAULT, METHOD_HELP)
     targets: str = option("all-linear", "'all-linear', a comma-separated list of module names, or a regex")
+    ranks: dict = option({}, "per-module ranks: REGEX=RANK, the first regex found in a module's path wins (a "
+                         "`ranks:` mapping in --config; lorakit advise writes one)", item=int)
+    alphas: dict = option({}, "per-module alphas: REGEX=ALPHA, as --ranks", item=float)
     quantize: str = option("", "QLoRA: hold the frozen base in nf4 (4-bit NormalFloat, double-quantized), fp4 or "
                            "int8 (bitsandbytes); empty = full precision", ("", "nf4", "fp4", "int8"))
     options: dict = method_settings()
@@ -179,8 +193,61 @@ class ServeConfig(ModelConfig):
 
 
 @dataclass
+class SpectrumConfig(ModelConfig):
+    targets: str = option("all-linear", "the weights to decompose: 'all-linear', module names, or a regex")
+    out: str = option("runs/spectrum", "directory for spectrum.json, spectrum.md, spectra.png and heatmap.png")
+    rank: int = option(0, "with --niter: the top singular values to find (0 = exact, all of them)")
+    niter: int = option(0, "randomized SVD with this many power iterations (0 = exact)")
+    heatmap: str = option("effective_rank", "the measure heatmap.png shows per layer and module type",
+                          ("effective_rank", "stable_rank", "energy_rank_90", "share_0.1_1.1", "share_top_decade",
+                           "sigma_max"))
+
+    def check(self) -> None:
+        """Raise ConfigError for a randomized SVD without its rank, or negative counts."""
+        if self.rank < 0 or self.niter < 0:
+            raise ConfigError("--rank and --niter must be >= 0")
+        if bool(self.rank) != bool(self.niter):
+            raise ConfigError("randomized SVD takes both --rank (values to find) and --niter (power iterations); "
+                              "neither gives the exact spectrum")
+
+
+@dataclass
+class InspectConfig(ModelConfig):
+    adapter: str = option("", "adapter directory to inspect", positional=True)
+    out: str = option("runs/inspect", "directory for inspect.json, inspect.md, spectra.png and heatmap.png")
+    intruder_k: int = option(10, "intruder dimensions: how many top singular vectors of W + ΔW are checked")
+    intruder_eps: float = option(0.5, "intruder dimensions: a vector whose largest |cosine| with W's singular "
+                                 "vectors is below this is one")
+
+
+@dataclass
+class ResizeConfig(ModelConfig):
+    adapter: str = option("", "adapter directory to resize", positional=True)
+    rank: int = option(0, "the rank of every module's update (one of --rank and --energy)")
+    energy: float = option(0.0, "per module, the smallest rank keeping this share of ‖ΔW‖²_F, e.g. 0.9")
+    out: str = option("", "where the resized adapter (PEFT format) is written (required)")
+
+
+@dataclass
+class AdviseConfig(ModelConfig):
+    budget: int = option(0, "trainable LoRA parameters to allocate (required)")
+    from_adapter: str = option("", "a trained (higher-rank) adapter whose update's energy decides the ranks",
+                               aliases=("--from",))
+    probe_steps: int = option(0, "instead of --from-adapter: a probe run of this many AdaLoRA steps on the task, "
+                              "whose sensitivity scores decide the ranks")
+    probe_rank: int = option(32, "the probe's rank per module: the most any module can be given")
+    task: str = option("date", "built-in task of the probe run", ("date", "extract"))
+    targets: str = option("all-linear", "the probe's modules")
+    out: str = option("runs/advise/ranks.yaml", "the YAML written: targets, ranks and alphas for "
+                      "lorakit finetune --config")
+
+
+@dataclass
 class ParamsConfig:
     shape: str = option("4096x4096", "weight shape d_out x d_in, e.g. 8192x8192 (comma-separate several)")
+    model: str = option("", "count on a model's targeted layers instead of --shape: a Hugging Face model "
+                        "directory, or 'default' (the embedded SmolLM2-135M-Instruct); weights are not loaded")
+    targets: str = option("all-linear", "with --model: the layers adapted")
     method: str = option(registry.DEFAULT, METHOD_HELP)
     count: int = option(1, "how many matrices of that shape")
     options: dict = method_settings()
@@ -283,14 +350,15 @@ def _elsewhere(unknown: list[str], method: str | None) -> str:
 
 
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", tuple: "a list of text"}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", tuple: "a list of text",
+          dict: "a mapping of regex: value (REGEX=VALUE on the command line)"}
 
 
 def _coerced(f: dataclasses.Field, value, where: str):
     """``value`` as field ``f``'s type: PyYAML reads ``1e-3`` as a string (its floats need a dot)."""
-    kind = type(f.default)
+    kind = type(default_of(f))
     try:
-        out = as_kind(kind, value)
+        out = as_mapping(value, f.metadata["item"]) if kind is dict else as_kind(kind, value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {f.name}: expected {_KINDS[kind]}, got {value!r}") from None
     choices = f.metadata.get("choices")
@@ -340,6 +408,18 @@ def as_kind(kind: type, value):
     if not number.is_integer():
         raise ValueError
     return int(number)
+
+
+def as_mapping(value, item: type) -> dict[str, Any]:
+    """``value`` (a mapping, or ``REGEX=VALUE`` texts: the value after the last '=') as {regex: ``item``}."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) and "=" in t for t in texts):
+            raise TypeError
+        pairs = [t.rsplit("=", 1) for t in texts]
+    return {as_kind(str, k): as_kind(item, v) for k, v in pairs}
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -67,7 +67,7 @@ def prepare(model, recipe: Method, config, log=print) -> None:
         models.ensure_package("bitsandbytes", "bitsandbytes>=0.50", log)
     if config.quantize and not recipe.quantizes_residual:
         lk.quantize(model, config.quantize)
-    lk.adapt(model, recipe, targets_of(config.targets))
+    lk.adapt(model, recipe, targets_of(config.targets), ranks=config.ranks or None, alphas=config.alphas or None)
     if config.quantize and recipe.quantizes_residual:
         lk.quantize(model, config.quantize)
 
