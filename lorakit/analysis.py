@@ -144,23 +144,24 @@ def _rank_of(recipe, adapter: Adapter) -> int | None:
 
 def intruders(W: torch.Tensor, U_delta: torch.Tensor, S_delta: torch.Tensor, Vh_delta: torch.Tensor,
               k: int = 10, eps: float = 0.5) -> list[dict]:
-    """Intruder dimensions (Shuttleworth et al. 2024, arXiv 2410.21228): among the top ``k`` left singular
-    vectors of W + ΔW, those whose largest |cosine| with any left singular vector of W is below ``eps``; each
-    as its index, singular value and that largest cosine."""
+    """Intruder dimensions (Shuttleworth et al. 2024, arXiv 2410.21228): each of the top ``k`` left singular
+    vectors of W + ΔW as its index, singular value, largest |cosine| with any left singular vector of W, and
+    whether that is below ``eps`` (an intruder)."""
     W = W.detach().float().flatten(1)
     tuned = W + (U_delta * S_delta) @ Vh_delta
     U0 = svd_mod.svd(W)[0]
     U1, S1, _ = torch.linalg.svd(tuned, full_matrices=False)
     k = min(k, S1.numel())
     best = (U1[:, :k].t() @ U0).abs().max(dim=1).values
-    return [{"index": i, "sigma": S1[i].item(), "max_cosine": best[i].item()} for i in range(k) if best[i] < eps]
+    return [{"index": i, "sigma": S1[i].item(), "max_cosine": best[i].item(), "intruder": bool(best[i] < eps)}
+            for i in range(k)]
 
 
 def inspect(model: nn.Module, name: str = "default", *, intruder_k: int = 10, intruder_eps: float = 0.5,
             progress=None) -> list[dict]:
     """One row per module adapter ``name`` changes: the singular values of its update ΔW and their
-    ``measures``, the adapter's rank r, utilisation (rank at 90% energy / r), ‖ΔW‖_F / ‖W‖_F and the
-    ``intruders`` of W + ΔW."""
+    ``measures``, the adapter's rank r, utilisation (rank at 90% energy / r), ‖ΔW‖_F / ‖W‖_F, the
+    ``intruders`` of W + ΔW and the least aligned of its top singular vectors (its largest |cosine| with W's)."""
     layers = [(path, layer) for path, layer in adapted_layers(model) if name in layer.adapters]
     if not layers:
         raise AdapterNotFoundError(f"no adapter named {name!r} on the model; it has {adapter_names(model)}")
@@ -173,12 +174,14 @@ def inspect(model: nn.Module, name: str = "default", *, intruder_k: int = 10, in
             m = measures(S, (0.9, 0.99))
             rank = _rank_of(recipe, adapter)
             norm = S.double().norm().item()
-            found = intruders(W, U, S, Vh, intruder_k, intruder_eps)
+            top = intruders(W, U, S, Vh, intruder_k, intruder_eps)
+            found = [t for t in top if t["intruder"]]
         rows.append({"module": path, "type": _type_of(path), "layer": layer_index(path),
                      "method": type(recipe).__name__, "rank": rank, **m,
                      "utilisation": m["energy_rank_90"] / rank if rank else None,
                      "delta_norm": norm, "relative_norm": norm / W.double().norm().item(),
-                     "intruders": len(found), "intruder_dimensions": found, "singular_values": S.tolist()})
+                     "intruders": len(found), "intruder_dimensions": found,
+                     "least_aligned": min(t["max_cosine"] for t in top), "singular_values": S.tolist()})
         if progress is not None:
             progress(path)
     return rows

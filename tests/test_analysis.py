@@ -180,6 +180,9 @@ def test_intruder_dimensions():
             found = row["intruder_dimensions"][0]
             # Its top vector is close to (u_16 + 40·x)/‖·‖: cosine (1 + 10)/√1621 with u_16, 10/√1621 with the others.
             assert found["index"] == 0 and found["max_cosine"] == pytest.approx(11 / math.sqrt(1621), abs=0.01)
+            assert row["least_aligned"] == found["max_cosine"]
+        else:  # W + ΔW keeps W's singular vectors exactly: each top one is one of W's
+            assert row["least_aligned"] == pytest.approx(1.0, abs=1e-4)
 
 
 # --- resize --------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -27,6 +28,26 @@ def test_default_finetune_moves_accuracy_by_50_points(tmp_path):
         assert (tmp_path / "run" / name).is_file(), name
     report = (tmp_path / "run/report.md").read_text()
     assert f"| accuracy after | {after:.1f}% |" in report and "peak memory" in report
+
+    # Looking inside the trained adapter: every command on the real model, each within a minute or so.
+    def lorakit(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "lorakit", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    adapter = str(tmp_path / "run/adapter")
+    lorakit("spectrum", "--out", str(tmp_path / "spectrum"))
+    rows = json.loads((tmp_path / "spectrum/spectrum.json").read_text())
+    assert len(rows) == 210 and all(r["energy_rank_99"] <= min(r["shape"]) for r in rows)
+    lorakit("inspect", adapter, "--out", str(tmp_path / "inspect"))
+    learned = json.loads((tmp_path / "inspect/inspect.json").read_text())
+    assert len(learned) == 210 and all(0 < r["utilisation"] <= 1 and r["rank"] == 16 for r in learned)
+    said = lorakit("resize", adapter, "--rank", "4", "--out", str(tmp_path / "r4"))
+    assert "4,884,480 -> 1,221,120 parameters" in said
+    scored = lorakit("eval", "--adapter", str(tmp_path / "r4")).strip().splitlines()[-1]
+    kept = float(re.fullmatch(r"accuracy: ([\d.]+)% .*", scored)[1])
+    assert kept >= after - 5, (kept, after)  # a quarter of the rank keeps the skill
 
 
 @pytest.mark.slow

@@ -35,12 +35,12 @@ def by_type(rows: Sequence[dict]) -> dict[str, list[dict]]:
 
 
 def progress_bar(total: int, what: str) -> Callable[[str], None]:
-    """A tqdm bar on stderr advanced once per call (a no-op without tqdm)."""
+    """A tqdm bar on stderr advanced once per call (a no-op without tqdm or a terminal)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return lambda _path: None
-    bar = tqdm(total=total, desc=what, unit="matrix", file=sys.stderr, leave=False)
+    bar = tqdm(total=total, desc=what, unit="matrix", file=sys.stderr, leave=False, disable=None)  # None: a tty only
 
     def advance(_path: str) -> None:
         bar.update(1)
@@ -94,9 +94,9 @@ def spectrum_tables(rows: Sequence[dict]) -> tuple[str, str]:
 
 
 INSPECT_COLUMNS = ("rank", "sigma_max", "stable_rank", "effective_rank", "energy_rank_90", "energy_rank_99",
-                   "utilisation", "relative_norm", "intruders")
+                   "utilisation", "relative_norm", "least_aligned", "intruders")
 INSPECT_HEADER = ("r", "σ_max(ΔW)", "stable rank", "effective rank", "rank 90%", "rank 99%", "utilisation",
-                  "‖ΔW‖/‖W‖", "intruders")
+                  "‖ΔW‖/‖W‖", "least aligned cos", "intruders")
 
 
 def inspect_tables(rows: Sequence[dict]) -> tuple[str, str]:
@@ -295,7 +295,7 @@ def advice(config, log=print) -> dict[str, int]:
             costs[path] = analysis.lora_costs(adapter.spec.d_out, adapter.spec.d_in)
             factors = adapter.factors()
             scales[path] = float(factors[2]) if factors is not None else default_scale
-        source, what = f"--from {config.from_adapter}", "of the trained update's energy ‖ΔW‖²_F"
+        source, what = f"the adapter {config.from_adapter}", "of the trained update's energy ‖ΔW‖²_F"
     else:
         values, costs = _probe_scores(config, log)
         scales = {path: default_scale for path in values}
