@@ -266,19 +266,24 @@ def lora_costs(d_out: int, d_in: int, method: Method | None = None) -> tuple[int
     return one, two - one
 
 
+def update_energies(model: nn.Module, name: str, method: Method | None = None
+                    ) -> tuple[dict[str, list[float]], dict[str, tuple[int, int]]]:
+    """({module: σ² of adapter ``name``'s ΔW, largest first}, {module: ``lora_costs`` of ``method``}): what
+    ``allocate`` weighs."""
+    energies, costs = {}, {}
+    for path, layer in adapted_layers(model):
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        energies[path] = (delta_svd(adapter)[1].double() ** 2).tolist()
+        costs[path] = lora_costs(adapter.spec.d_out, adapter.spec.d_in, method)
+    if not energies:
+        raise AdapterNotFoundError(f"no adapter named {name!r} on the model; it has {adapter_names(model)}")
+    return energies, costs
+
+
 def advise(model: nn.Module, name: str, budget: int, method: Method | None = None) -> dict[str, int]:
     """A rank per module for a ``budget`` of trainable numbers of ``method`` (default LoRA), from the energy
     of adapter ``name``'s learned update: the σ² of each module's ΔW decide where further rank pays most.
     Modules left out (rank 0) are missing from the result."""
-    energies, costs = {}, {}
-    for row_path, layer in adapted_layers(model):
-        if name not in layer.adapters:
-            continue
-        adapter = layer.adapters[name]
-        with torch.no_grad():
-            S = delta_svd(adapter)[1]
-        energies[row_path] = (S.double() ** 2).tolist()
-        costs[row_path] = lora_costs(adapter.spec.d_out, adapter.spec.d_in, method)
-    if not energies:
-        raise AdapterNotFoundError(f"no adapter named {name!r} on the model; it has {adapter_names(model)}")
-    return allocate(energies, costs, budget)
+    return allocate(*update_energies(model, name, method), budget)

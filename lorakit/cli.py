@@ -315,16 +315,6 @@ def _model_shapes(config: cfg.ParamsConfig):
     return shapes, sum(p.numel() for p in model.parameters())
 
 
-def _loaded(config, adapter: str):
-    """(model on --device with ``adapter`` loaded as "default", tokenizer)."""
-    import lorakit as lk
-    from lorakit.train import models
-
-    model, tokenizer = models.load(config.model, log=_say, device=models.resolve_device(config.device))
-    lk.load(model, adapter)
-    return model, tokenizer
-
-
 def cmd_spectrum(config: cfg.SpectrumConfig) -> int:
     from lorakit.train import models
     from lorakit.train.spectra import spectrum_report
@@ -337,7 +327,7 @@ def cmd_spectrum(config: cfg.SpectrumConfig) -> int:
 def cmd_inspect(config: cfg.InspectConfig) -> int:
     from lorakit.train.spectra import inspect_report
 
-    model, _ = _loaded(config, config.adapter)
+    model, _, _ = _model_with_adapter(config)
     inspect_report(model, "default", config)
     return 0
 
@@ -354,7 +344,7 @@ def cmd_resize(config: cfg.ResizeConfig) -> int:
         raise cfg.ConfigError("lorakit resize needs --out DIR (the resized adapter is written there)")
     if bool(config.rank) == bool(config.energy):
         raise cfg.ConfigError("lorakit resize takes --rank R or --energy E (one of them)")
-    model, _ = _loaded(config, config.adapter)
+    model, _, _ = _model_with_adapter(config)
     before = sum(p.numel() for p in lk.trainable_parameters(model))
     report = resize(model, "default", rank=config.rank or None, energy=config.energy or None)
     after = sum(p.numel() for p in lk.trainable_parameters(model))

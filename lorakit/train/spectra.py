@@ -288,13 +288,9 @@ def advice(config, log=print) -> dict[str, int]:
         model, _ = models.load(config.model, log=lambda m: print(m, file=sys.stderr),
                                device=models.resolve_device(config.device))
         lk.load(model, config.from_adapter)
-        values, costs, scales = {}, {}, {}
-        for path, layer in adapted_layers(model):
-            adapter = layer.adapters["default"]
-            values[path] = (analysis.delta_svd(adapter)[1].double() ** 2).tolist()
-            costs[path] = analysis.lora_costs(adapter.spec.d_out, adapter.spec.d_in)
-            factors = adapter.factors()
-            scales[path] = float(factors[2]) if factors is not None else default_scale
+        values, costs = analysis.update_energies(model, "default")
+        scales = {path: float(factors[2]) if (factors := layer.adapters["default"].factors()) is not None
+                  else default_scale for path, layer in adapted_layers(model)}
         source, what = f"the adapter {config.from_adapter}", "of the trained update's energy ‖ΔW‖²_F"
     else:
         values, costs = _probe_scores(config, log)
