@@ -3,7 +3,11 @@
 Targets follow PEFT's conventions so configs carry over:
   * a list of names: a module matches when its path equals a name or ends with ``"." + name``;
   * a string: a regular expression that must match the whole module path;
-  * ``"all-linear"``: every Linear / GPT-2 Conv1D layer except the output head.
+  * ``"all-linear"``: every Linear / GPT-2 Conv1D layer except the output head;
+  * ``"kohya"``: kohya-ss sd-scripts' default for Stable Diffusion LoRAs: the Linear and 1×1 conv layers inside
+    the UNet's transformer blocks (attention, feed-forward, proj_in/out; the transformer blocks of SD3/Flux
+    transformers) and the text encoder's attention and MLP; ``"kohya-conv"`` adds the layers of the ResNet,
+    down- and up-sampling blocks (the 3×3 convs kohya trains with ``conv_dim``).
 ``layers=[...]`` keeps modules whose first numeric path component (``model.layers.3.…``) is listed.
 ``ranks`` / ``alphas`` map a regex (searched in the module path, first match wins) to a value.
 ``train=[...]`` names other modules (heads, norms) each adapter trains a copy of (see lorakit/trained.py).
@@ -91,14 +95,51 @@ def find(model: nn.Module, names: Targets) -> list[str]:
     return [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
 
 
+def _all_linear(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    head = _output_head(model)
+    return [(p, m) for p, m in candidates if is_linear(m) and m is not head]
+
+
+# The containers kohya-ss sd-scripts adapts (networks/lora.py's *_TARGET_REPLACE_MODULE, by class name), with
+# the diffusers transformer blocks of SD3 and Flux; the second set comes with conv_dim.
+_KOHYA_BLOCKS = {"Transformer2DModel", "CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP",
+                 "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock"}
+_KOHYA_CONV_BLOCKS = {"ResnetBlock2D", "Downsample2D", "Upsample2D"}
+
+
+def _kohya(conv: bool):
+    def pick(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+        inside, inside_conv = set(), set()
+        for path, module in walk(model):
+            name = type(module).__name__
+            if name in _KOHYA_BLOCKS:
+                inside.add(path)
+            elif conv and name in _KOHYA_CONV_BLOCKS:
+                inside_conv.add(path)
+
+        def within(path: str, blocks: set[str]) -> bool:
+            return any(path.startswith(b + ".") for b in blocks)
+
+        chosen = []
+        for path, module in candidates:
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            one_by_one = isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1)
+            if (within(path, inside) and one_by_one) or within(path, inside_conv):
+                chosen.append((path, module))
+        return chosen
+    return pick
+
+
+PRESETS = {"all-linear": _all_linear, "kohya": _kohya(conv=False), "kohya-conv": _kohya(conv=True)}
+
+
 def select(model: nn.Module, targets: Targets, layers: Iterable[int] | None = None) -> list[tuple[str, nn.Module]]:
-    """The modules ``targets`` names, checked to be adaptable. Raises if none match."""
+    """The modules ``targets`` names (or a preset of ``PRESETS`` picks), checked to be adaptable. Raises if none
+    match."""
     candidates = list(walk(model))
-    if targets == "all-linear":
-        head = _output_head(model)
-        chosen = [(p, m) for p, m in candidates if is_linear(m) and m is not head]
-    else:
-        chosen = _matching(candidates, targets)
+    preset = PRESETS.get(targets) if isinstance(targets, str) else None
+    chosen = preset(model, candidates) if preset else _matching(candidates, targets)
     if not chosen:
         raise TargetNotFoundError(targets, [p for p, _ in candidates])
     if layers is not None:

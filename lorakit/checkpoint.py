@@ -45,6 +45,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 DIGEST_KEY = "lorakit_sha256"  # safetensors metadata: see tensor_digest
+SINGLE_FILE_FORMATS = ("kohya", "diffusers")  # lorakit/formats/single_file.py
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -166,34 +167,32 @@ def _patterns(recipes: dict[str, object], key: str, default) -> dict[str, object
     return {re.escape(path): getattr(r, key) for path, r in recipes.items() if getattr(r, key) != default}
 
 
-def _as_peft(recipe, adapter, path: str):
-    """(recipe, adapter) in a form PEFT reads: as is, or converted to the equivalent plain LoRA."""
-    if recipe.peft_config() is not None:
+def _as_peft(recipe, adapter, path: str, lora_only: bool = False):
+    """(recipe, adapter) in a form PEFT reads: as is, or converted to the equivalent plain LoRA.
+    ``lora_only``: LoRA or DoRA only (what the single-file formats hold), converting AdaLoRA and others too."""
+    from lorakit.methods.lora import LoRA
+
+    if (isinstance(recipe, LoRA) if lora_only else recipe.peft_config() is not None):
         return recipe, adapter
     plain = adapter.to_lora()
     if plain is not None:
         return plain
-    raise ConfigError(f"{path}: {type(recipe).__name__} has no PEFT equivalent; save it with format='lorakit'")
+    where = "this format" if lora_only else "PEFT"
+    raise ConfigError(f"{path}: {type(recipe).__name__} has no equivalent in {where}; save it with format='lorakit', "
+                      "or make it a LoRA first (lk.resize / `lorakit resize ADAPTER --rank R`)")
 
 
-def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", format: str = "lorakit") -> Path:
-    """Write adapter ``name`` (and its copies of ``train=`` modules) to ``directory``; returns the directory.
-
-    LoRA, rsLoRA and DoRA are always written in PEFT's format. ``format="peft"`` also converts
-    PiSSA/MiLoRA adapters to the plain LoRA (rank 2r) that PEFT loads on the original base.
-    """
-    if format not in ("lorakit", "peft"):
-        raise ConfigError(f"format must be 'lorakit' or 'peft', got {format!r}")
+def peft_form(model: nn.Module, name: str = "default", format: str = "lorakit"
+              ) -> tuple[dict, dict[str, torch.Tensor], dict[str, object]]:
+    """Adapter ``name`` as PEFT's two files hold it: (config, tensors keyed ``<module path>.<suffix>`` without
+    PEFT's prefix, {module path: recipe}). ``format``: "lorakit" (any method), "peft" (what PEFT loads) or
+    "lora" (LoRA and DoRA only, as the kohya and diffusers files hold them)."""
     layers = [(path, layer) for path, layer in adapted_layers(model) if name in layer.adapters]
     if not layers:
         raise AdapterNotFoundError(f"no adapter named {name!r} on the model; it has {adapter_names(model)}")
-    out = Path(directory)
-    if out.exists() and not out.is_dir():
-        raise AdapterFileError(f"{out}: is a file, not a directory (lk.save writes a directory holding "
-                               f"{CONFIG_NAME} and {WEIGHTS_NAME})")
     entries = {path: (layer.recipes[name], layer.adapters[name]) for path, layer in layers}
-    if format == "peft":
-        entries = {path: _as_peft(*entry, path) for path, entry in entries.items()}
+    if format != "lorakit":
+        entries = {path: _as_peft(*entry, path, lora_only=format == "lora") for path, entry in entries.items()}
     recipes = {path: recipe for path, (recipe, _) in entries.items()}
     # The most common recipe is the config's default; the rest become per-module patterns.
     default = Counter(recipes.values()).most_common(1)[0][0]
@@ -201,15 +200,15 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     for path, (_, adapter) in entries.items():
         # Adapters that prune themselves (AdaLoRA) write only what they keep, as PEFT does.
         for suffix, tensor in adapter.saved().items():
-            tensors[f"{PREFIX}{path}.{suffix}"] = tensor
+            tensors[f"{path}.{suffix}"] = tensor
     # The adapter's own copies, under the module's keys (PEFT's modules_to_save: no "modules_to_save.<name>").
     trained = {path: module.adapters[name] for path, module in trained_modules(model) if name in module.adapters}
     for path, trained_copy in trained.items():
         for key, tensor in trained_copy.state_dict().items():
-            tensors[f"{PREFIX}{path}.{key}"] = tensor
+            tensors[f"{path}.{key}"] = tensor
 
     config = {
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "base_model_name_or_path": str(getattr(getattr(model, "config", None), "_name_or_path", None) or "") or None,
         "bias": "none", "fan_in_fan_out": any(layer.kind.transposed for _, layer in layers),
         "inference_mode": True, "init_lora_weights": True, "layers_pattern": None, "layers_to_transform": None,
         "lora_bias": False, "modules_to_save": sorted(trained) or None, "revision": None,
@@ -234,11 +233,32 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
                        # from outside lorakit. Named only, never imported from a file's say-so.
                        "lorakit_recipe_class": f"{type(default).__module__}:{type(default).__qualname__}",
                        "lorakit_overrides": {p: recipe_fields(r) for p, r in recipes.items() if r != default}})
+    return config, tensors, recipes
 
+
+def save(model: nn.Module, path: str | os.PathLike, name: str = "default", format: str = "lorakit") -> Path:
+    """Write adapter ``name`` (and its copies of ``train=`` modules) to ``path``; returns the path.
+
+    ``format``: "lorakit" or "peft" write an adapter directory. LoRA, rsLoRA and DoRA are always written in
+    PEFT's format there; "peft" also converts PiSSA/MiLoRA adapters to the plain LoRA (rank 2r) that PEFT loads
+    on the original base. "kohya" and "diffusers" write one safetensors file for Stable Diffusion tools
+    (``model`` may then be a pipeline or {"unet": ..., "text_encoder": ...}; see lorakit/formats/single_file.py).
+    """
+    if format in SINGLE_FILE_FORMATS:
+        from lorakit.formats.single_file import save_file
+
+        return save_file(model, path, name, format)
+    if format not in ("lorakit", "peft"):
+        raise ConfigError(f"format must be one of 'lorakit', 'peft', 'kohya', 'diffusers', got {format!r}")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise AdapterFileError(f"{out}: is a file, not a directory (lk.save writes a directory holding "
+                               f"{CONFIG_NAME} and {WEIGHTS_NAME}; format='kohya' or 'diffusers' writes one file)")
+    config, tensors, _ = peft_form(model, name, format)
     with _naming(out):
         out.mkdir(parents=True, exist_ok=True)
     # Both files are complete on disk before either replaces an old one.
-    atomic_write_all({out / WEIGHTS_NAME: _tensors_writer(tensors, None),
+    atomic_write_all({out / WEIGHTS_NAME: _tensors_writer({PREFIX + k: v for k, v in tensors.items()}, None),
                       out / CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")})
     return out
 
@@ -390,18 +410,36 @@ def _in_layers(config: dict, path: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", *, strict: bool = True) -> nn.Module:
-    """Add the adapter saved in ``directory`` (ours or PEFT's) as ``name`` and make it active.
+def load(model: nn.Module, path: str | os.PathLike, name: str = "default", *, strict: bool = True) -> nn.Module:
+    """Add the adapter saved at ``path`` as ``name`` and make it active: an adapter directory (ours or PEFT's),
+    or a kohya / diffusers safetensors file (``model`` may then be a pipeline or a dict of its components).
 
     Every tensor is checked against the model before anything is attached. A file missing every tensor
     of some module its config targets (or trains) is refused, naming them; ``strict=False`` warns and
     loads the rest (those modules stay the base).
     """
-    directory = Path(directory)
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        from lorakit.formats.single_file import load_file
+
+        load_file(model, path, name, strict=strict)
+        return model
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{path}: an adapter directory adapts one module; pass that module (pipe.unet, say), "
+                          f"not a {type(model).__name__}")
     if name in adapter_names(model):
         raise AdapterExistsError(f"the model already has an adapter named {name!r}; load it under another name")
-    config, tensors = read(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    config, tensors = read(path)
+    prepare_peft(model, name, config, tensors, path / CONFIG_NAME, path / WEIGHTS_NAME, strict=strict)()
+    return model
+
+
+def prepare_peft(model: nn.Module, name: str, config: dict, tensors: dict[str, torch.Tensor], config_path: Path,
+                 weights_path: Path, *, strict: bool = True) -> Callable[[], None]:
+    """Check and build the adapter that a PEFT-form ``config`` and ``tensors`` (keys with PEFT's prefix)
+    describe for ``model``, changing nothing; returns what attaches it as ``name``. Errors name
+    ``config_path`` / ``weights_path``."""
+    directory = weights_path.parent if weights_path.name == WEIGHTS_NAME else weights_path
     _check_patterns(config, config_path)
     try:
         default = _recipe(config, directory)
@@ -416,7 +454,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
             raise ShapeMismatchError(f"{weights_path}: key {key!r} lacks the {PREFIX!r} prefix")
-        path, suffix = _split(key[len(PREFIX):], modules, train_paths, directory)
+        path, suffix = _split(key[len(PREFIX):], modules, train_paths, weights_path)
         if path in train_paths:
             trained.setdefault(path, {})[suffix] = tensor
         elif suffix.startswith("base_layer."):
@@ -433,7 +471,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
         message = f"{directory}: the file has no tensors for {len(missing)} module(s) its config names: {listed}"
         if strict:
             raise AdapterFileError(f"{message}; the file is incomplete (lk.load(..., strict=False) loads the rest)")
-        warnings.warn(f"{message}; they are left as the base (strict=False)", stacklevel=2)
+        warnings.warn(f"{message}; they are left as the base (strict=False)", stacklevel=3)
 
     built = {}
     for path, module_tensors in grouped.items():
@@ -450,15 +488,17 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     copies = {path: _trained_copy(modules[path], path, module_tensors) for path, module_tensors in trained.items()}
     base_copies = [(path, pname, param, tensor) for path, module_tensors in base_tensors.items()
                    for pname, param, tensor in _fitting(modules[path], path, module_tensors)]
-    # attach makes the last checks (no merged adapters, train= placement) before it changes anything.
-    attach(model, name, built, copies)
-    with torch.no_grad():
-        for path, pname, param, tensor in base_copies:
-            if not torch.equal(param, tensor.to(param)):
-                warnings.warn(f"{directory}: the adapter carries its own {path}.{pname} (PEFT saves targeted "
-                              "embeddings whole); it replaces the model's", stacklevel=2)
-            param.copy_(tensor)
-    return model
+
+    def commit() -> None:
+        # attach makes the last checks (no merged adapters, train= placement) before it changes anything.
+        attach(model, name, built, copies)
+        with torch.no_grad():
+            for path, pname, param, tensor in base_copies:
+                if not torch.equal(param, tensor.to(param)):
+                    warnings.warn(f"{directory}: the adapter carries its own {path}.{pname} (PEFT saves targeted "
+                                  "embeddings whole); it replaces the model's", stacklevel=3)
+                param.copy_(tensor)
+    return commit
 
 
 def _fitting(module: nn.Module, path: str, tensors: dict[str, torch.Tensor]) -> list[tuple]:
@@ -487,7 +527,7 @@ def _trained_copy(module: nn.Module, path: str, tensors: dict[str, torch.Tensor]
     return trained_copy
 
 
-def _split(key: str, modules: dict[str, nn.Module], train_paths: list[str], where: Path) -> tuple[str, str]:
+def _split(key: str, modules: dict[str, nn.Module], train_paths: list[str], weights: Path) -> tuple[str, str]:
     """Split ``module.path.suffix`` at the ``train=`` module it falls in, else at the deepest adaptable module."""
     parts = key.split(".")
     prefixes = [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]  # deepest first
@@ -499,5 +539,5 @@ def _split(key: str, modules: dict[str, nn.Module], train_paths: list[str], wher
             return path, ".".join(parts[len(parts) - 1 - i:])
     known = next((p for p in prefixes if p in modules), None)
     raise ShapeMismatchError(
-        f"{where / WEIGHTS_NAME}: tensor {key!r} names a module the model does not have"
+        f"{weights}: tensor {key!r} names a module the model does not have"
         + (f" (the model has {known!r}, a {type(modules[known]).__name__})" if known else ""))

@@ -371,6 +371,33 @@ def cmd_advise(config: cfg.AdviseConfig) -> int:
     return 0
 
 
+def cmd_convert(config: cfg.ConvertConfig) -> int:
+    import lorakit as lk
+    from lorakit.formats.single_file import components
+    from lorakit.train import models
+
+    if not config.source or not config.target:
+        raise cfg.ConfigError("lorakit convert needs SOURCE and TARGET")
+    source, target = Path(config.source), Path(config.target)
+    if target.resolve() == source.resolve():
+        raise cfg.ConfigError(f"{target}: the target is the source; write the converted adapter elsewhere")
+    if config.to != "peft" and target.suffix != ".safetensors":
+        raise cfg.ConfigError(f"{target}: --to {config.to} writes one file; name it *.safetensors")
+    model = models.load_for_adapter(config.model, log=_say)
+    lk.load(model, source)
+    parts = components(model)
+    if config.to == "peft":
+        if len(parts) > 1:  # a PEFT directory adapts one module: one directory per component that has the adapter
+            written = [lk.save(m, target / role, format="peft") for role, m in parts.items()
+                       if "default" in lk.adapter_names(m)]
+        else:
+            written = [lk.save(next(iter(parts.values())), target, format="peft")]
+    else:
+        written = [lk.save(model, target, format=config.to)]
+    print(f"{source} -> {', '.join(map(str, written))} ({config.to} format)")
+    return 0
+
+
 COMMANDS: dict[str, tuple[type, Callable, str, bool]] = {
     "finetune": (cfg.FinetuneConfig, cmd_finetune, "fine-tune a model with an adapter; default: SmolLM2-135M on "
                                                    "the built-in date task, accuracy before and after", True),
@@ -387,6 +414,8 @@ COMMANDS: dict[str, tuple[type, Callable, str, bool]] = {
                                              "or per module at a kept share of energy; PEFT format", True),
     "advise": (cfg.AdviseConfig, cmd_advise, "per-module ranks for a parameter budget, from a trained adapter or a "
                                              "short probe run; a YAML for lorakit finetune --config", True),
+    "convert": (cfg.ConvertConfig, cmd_convert, "an adapter in another format: PEFT directories, kohya and diffusers "
+                                                "single files (Stable Diffusion tools)", True),
     "params": (cfg.ParamsConfig, cmd_params, "trainable parameters and memory of a method on given shapes or on "
                                              "a whole model", False),
 }

@@ -243,6 +243,18 @@ class AdviseConfig(ModelConfig):
 
 
 @dataclass
+class ConvertConfig:
+    source: str = option("", "the adapter: a PEFT / lorakit directory, or a kohya or diffusers .safetensors file",
+                         positional=True)
+    target: str = option("", "where it is written: a directory (--to peft), a .safetensors file (kohya, diffusers)",
+                         positional=True)
+    to: str = option("peft", "the format written", ("peft", "kohya", "diffusers"))
+    model: str = option("", "the model the adapter belongs to (module names are resolved on it): a Hugging Face "
+                        "model directory, a diffusers pipeline or model directory; empty = the embedded "
+                        "SmolLM2-135M-Instruct")
+
+
+@dataclass
 class ParamsConfig:
     shape: str = option("4096x4096", "weight shape d_out x d_in, e.g. 8192x8192 (comma-separate several)")
     model: str = option("", "count on a model's targeted layers instead of --shape: a Hugging Face model "

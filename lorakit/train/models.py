@@ -121,6 +121,36 @@ def load(model: str | None = None, dtype=None, log: Callable[[str], None] = prin
     return net.to(device or "cpu").eval(), tokenizer
 
 
+def load_for_adapter(model: str | None = None, log: Callable[[str], None] = print):
+    """The model an adapter file is read against, on the CPU in eval mode: a diffusers pipeline directory
+    (``model_index.json``) or diffusers model directory (its ``config.json`` names a diffusers class), else
+    a Hugging Face causal LM as ``load`` gives it."""
+    import json
+
+    path = Path(model).expanduser() if model and model != DEFAULT_MODEL else None
+    config = path / "config.json" if path else None
+    class_name = None
+    if config is not None and config.is_file():
+        try:
+            class_name = json.loads(config.read_text()).get("_class_name")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ModelError(f"{config}: not a valid model config ({e})") from None
+    if path is None or not ((path / "model_index.json").is_file() or class_name):
+        return load(model, log=log)[0]
+    ensure_package("diffusers", "diffusers>=0.35", log)
+    import diffusers
+
+    try:
+        if class_name is None:
+            return diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True)
+        cls = getattr(diffusers, class_name, None)
+        if cls is None:
+            raise ModelError(f"{config}: diffusers has no model class {class_name!r}")
+        return cls.from_pretrained(path, local_files_only=True).eval()
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot load the diffusers model ({e})") from None
+
+
 def resolve_device(name: str = "auto", local_rank: int | None = None):
     """The ``torch.device`` that ``--device`` names (auto: CUDA when available, else the CPU), checked to
     exist here; a CUDA device becomes the current one, where kernels that take it (bitsandbytes') run.
