@@ -173,7 +173,8 @@ def delete(model: nn.Module, name: str) -> None:
 
 
 def reset(model: nn.Module, name: str = "default") -> nn.Module:
-    """Initialise adapter ``name`` afresh from each layer's base weight as it is now, as ``lk.adapt`` would.
+    """Initialise adapter ``name`` afresh from each layer's base weight as it is now, as ``lk.adapt`` would,
+    and its copies of ``train=`` modules from their originals.
 
     For an adapter built on the meta device, once the model is materialised (``to_empty``, then the base
     weights loaded). Its tensors are overwritten in place, so an optimizer made before still holds them.
@@ -196,6 +197,13 @@ def reset(model: nn.Module, name: str = "default") -> nn.Module:
             layer._bind_specs()
         layer.unready.discard(name)
         layer.routing.clear()
+    # The adapter's copies of train= modules start again from their originals, as lk.adapt made them.
+    for _, module in trained_modules(model):
+        if name in module.adapters:
+            original = _all_tensors(module.original)
+            with torch.no_grad():
+                for key, tensor in _all_tensors(module.adapters[name]).items():
+                    tensor.copy_(original[key])
     return model
 
 

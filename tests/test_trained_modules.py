@@ -282,3 +282,16 @@ def test_peft_loads_our_trained_head_and_we_load_peft_s(tmp_path):
     torch.testing.assert_close(_logits(ours, x), _logits(peft_model, x), atol=1e-5, rtol=1e-5)
     with lk.disabled(ours):
         assert torch.equal(_logits(ours, x), _logits(tiny_llama(), x))
+
+
+def test_reset_restarts_the_adapters_copies_from_their_originals():
+    reference, x = tiny_llama(), token_ids()
+    model = _adapted()
+    _train(model)
+    optimizer_tensor = model.lm_head.adapters["a"].weight
+    assert not torch.equal(optimizer_tensor, reference.lm_head.weight)
+    lk.reset(model, "a")
+    assert model.lm_head.adapters["a"].weight is optimizer_tensor  # in place: an optimizer made before still holds it
+    assert torch.equal(optimizer_tensor, reference.lm_head.weight)
+    assert torch.equal(model.model.norm.adapters["a"].weight, reference.model.norm.weight)
+    assert torch.equal(_logits(model, x), _logits(reference, x))  # LoRA's B is zero again: the base exactly
