@@ -16,7 +16,7 @@ def _counting_data(n: int = 16, length: int = 12) -> list[dict]:
     return [{"input_ids": r, "labels": r} for r in rows]
 
 
-def _train(tmp_path, **args):
+def _train(tmp_path, callback=None, **args):
     from transformers import Trainer, TrainingArguments
 
     model = lk.adapt(tiny_llama(), lk.LoRA(rank=4, alpha=8), "all-linear")
@@ -25,7 +25,7 @@ def _train(tmp_path, **args):
                                   save_steps=3, logging_steps=1, report_to=[], use_cpu=True, seed=0,
                                   dataloader_num_workers=0, **args)
     trainer = Trainer(model=model, args=arguments, train_dataset=_counting_data(),
-                      callbacks=[SaveAdapterCallback()])
+                      callbacks=[callback or SaveAdapterCallback()])
     result = trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return model, before, losses, result
@@ -61,3 +61,12 @@ def test_trainer_saves_the_adapter_in_peft_format(tmp_path):
         torch.testing.assert_close(peft(input_ids=ids).logits, ours, atol=1e-5, rtol=1e-5)
         reloaded = lk.load(tiny_llama(), tmp_path / "checkpoint-6")
         assert torch.equal(reloaded(input_ids=ids).logits, ours)
+
+
+def test_the_callback_records_the_prompt_format_it_is_given(tmp_path):
+    from lorakit.train.data import read_prompt_format
+
+    _train(tmp_path, callback=SaveAdapterCallback(prompt_format="raw"))
+    assert read_prompt_format(tmp_path / "checkpoint-3") == "raw" and read_prompt_format(tmp_path) == "raw"
+    with pytest.raises(lk.ConfigError, match="prompt_format must be one of"):
+        SaveAdapterCallback(prompt_format="alpaca")

@@ -22,13 +22,21 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 import lorakit as lk
+from lorakit.train.data import PROMPT_FORMATS, write_prompt_format
 
 
 class SaveAdapterCallback(TrainerCallback):
-    """Save adapter ``name`` into every checkpoint directory ``Trainer`` writes and into ``output_dir`` at the end."""
+    """Save adapter ``name`` into every checkpoint directory ``Trainer`` writes and into ``output_dir`` at the end.
 
-    def __init__(self, name: str = "default", format: str = "lorakit"):
-        self.name, self.format = name, format
+    ``prompt_format`` ("chat" or "raw", see lorakit/train/data.py) is recorded beside each save, so
+    ``lorakit eval`` / ``generate`` / ``serve`` ask the adapter the way it was trained; the callback cannot
+    tell from tokenized data, so it is left unrecorded unless given.
+    """
+
+    def __init__(self, name: str = "default", format: str = "lorakit", prompt_format: str | None = None):
+        if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
+            raise lk.ConfigError(f"prompt_format must be one of {PROMPT_FORMATS} or None, got {prompt_format!r}")
+        self.name, self.format, self.prompt_format = name, format, prompt_format
 
     def on_save(self, args, state, control, model=None, **kwargs):
         self._save(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", state)
@@ -39,3 +47,5 @@ class SaveAdapterCallback(TrainerCallback):
     def _save(self, model, directory: Path, state) -> None:
         if state.is_world_process_zero:
             lk.save(model, directory, name=self.name, format=self.format)
+            if self.prompt_format is not None:
+                write_prompt_format(directory, self.prompt_format)
