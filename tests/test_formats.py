@@ -347,6 +347,8 @@ def test_convert_command_round_trips_through_peft(adapted, bases, tmp_path):
     assert main(["convert", str(kohya), str(tmp_path / "peft"), "--to", "peft", "--model", str(unet_dir)]) == 0
     peft_unet = PeftModel.from_pretrained(copy.deepcopy(bases[0]), tmp_path / "peft").eval()
     torch.testing.assert_close(outputs(peft_unet)[0], outputs(adapted[0])[0], rtol=1e-5, atol=1e-5)
+    ours = lk.load(copy.deepcopy(bases[0]), tmp_path / "peft" / "adapter_model.safetensors")  # the directory's file
+    assert torch.equal(outputs(ours)[0], outputs(adapted[0])[0])
     assert main(["convert", str(tmp_path / "peft"), str(tmp_path / "back.safetensors"), "--to", "kohya",
                  "--model", str(unet_dir)]) == 0
     with safe_open(str(kohya), framework="pt") as a, safe_open(str(tmp_path / "back.safetensors"), framework="pt") as b:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Mapping
@@ -153,11 +154,10 @@ def load_file(model, path: Path, name: str, *, strict: bool = True) -> None:
     """Attach the kohya or diffusers LoRA file ``path`` to ``model`` (a module, a pipeline or {component:
     module}) as adapter ``name``: every component the file holds, each checked whole before any changes."""
     if path.name == checkpoint.WEIGHTS_NAME and (path.parent / checkpoint.CONFIG_NAME).is_file():
-        parts = components(model)
-        (module,) = parts.values() if len(parts) == 1 else (None,)
-        if module is None:
-            raise ConfigError(f"{path} is a PEFT adapter; give the one module it adapts")
-        checkpoint.load(module, path.parent, name, strict=strict)
+        parts = components(model)  # the weights file of an adapter directory: the directory is meant
+        if len(parts) != 1:
+            raise ConfigError(f"{path} is a PEFT adapter, which adapts one module; pass that module")
+        checkpoint.load(next(iter(parts.values())), path.parent, name, strict=strict)
         return
     tensors = checkpoint.read_tensors(path)
     metadata = _metadata(path)
@@ -172,7 +172,6 @@ def load_file(model, path: Path, name: str, *, strict: bool = True) -> None:
         if not loaded:
             raise AdapterFileError(f"{path}: holds LoRA for {', '.join(by_role)}, and the model given is "
                                    f"{', '.join(parts)}; pass the pipeline or {{'{absent[0]}': module, ...}}")
-        import warnings
         warnings.warn(f"{path}: also holds LoRA for {', '.join(absent)}, not loaded (only {', '.join(loaded)} was "
                       "given; pass the pipeline or a dict of its components to load all)", stacklevel=3)
     for role in by_role:
