@@ -52,10 +52,11 @@ def measures(S: torch.Tensor, energies: tuple[float, ...] = ENERGIES) -> dict[st
     """Summary measures of a spectrum ``S`` (singular values, any order): σ_max, σ_min, stable rank
     ‖W‖²_F/‖W‖²₂, Roy–Vetterli entropy effective rank, the rank holding each share of ``energies`` (Σσ²), the
     share of singular values in [0.1, 1.1] and the scale-free share in [σ_max/10, σ_max]. An all-zero
-    spectrum (an update that has not moved) has every rank 0."""
+    spectrum (an update that has not moved) has every rank 0, and so has an empty one (an update pruned to
+    rank 0, as AdaLoRA prunes)."""
     S = S.detach().double().abs().flatten().sort(descending=True).values
     if S.numel() == 0:
-        raise ConfigError("a spectrum needs at least one singular value")
+        S = S.new_zeros(1)
     top, energy, mass = S[0].item(), (S ** 2).sum().item(), S.sum().item()
     out = {"sigma_max": top, "sigma_min": S[-1].item()}
     if top == 0.0:
@@ -209,10 +210,9 @@ def resize(model: nn.Module, name: str = "default", *, rank: int | None = None,
         with torch.no_grad():
             U, S, Vh = delta_svd(adapter)
             total = (S.double() ** 2).sum().item()
-            if total == 0.0:
-                raise ConfigError(f"{layer.path}: adapter {name!r} has not moved from zero (ΔW = 0); there is "
-                                  "nothing to resize")
-            k = min(rank, S.numel()) if rank is not None else int(measures(S, (energy,))[f"energy_rank_{_pct(energy)}"])
+            if total == 0.0:  # ΔW = 0 (not trained, or pruned to rank 0 by AdaLoRA): exactly a rank-1 LoRA of zeros
+                U, S, Vh = U.new_zeros(U.shape[0], 1), S.new_zeros(1), Vh.new_zeros(1, Vh.shape[1])
+            k = min(rank, S.numel()) if rank is not None else max(1, int(measures(S, (energy,))[f"energy_rank_{_pct(energy)}"]))
             factors = adapter.factors()
             scale = float(factors[2]) if factors is not None else 1.0
             rslora = bool(getattr(recipe, "rslora", False))
@@ -223,7 +223,7 @@ def resize(model: nn.Module, name: str = "default", *, rank: int | None = None,
             built.lora_A.copy_((root[:, None] * Vh[:k]).reshape(built.lora_A.shape))
             built.lora_B.copy_((U[:, :k] * root).reshape(built.lora_B.shape))
         report[layer.path] = {"rank": k, "from_rank": _rank_of(recipe, adapter),
-                              "retained": (S[:k].double() ** 2).sum().item() / total}
+                              "retained": (S[:k].double() ** 2).sum().item() / total if total else 1.0}
         return new, built.to(adapter.spec.dtype)
 
     replace(model, name, truncated)

@@ -243,20 +243,60 @@ def test_resized_adapter_loads_in_peft_with_equal_logits(tmp_path):
     torch.testing.assert_close(reloaded(ids).logits, ours, atol=1e-5, rtol=1e-5)
 
 
-def test_resize_refuses_bad_requests_and_changes_nothing():
+def test_resize_refuses_bad_requests_and_changes_nothing(monkeypatch):
     model = tiny_llama()
     lk.adapt(model, lk.LoRA(rank=4), targets=["q_proj"])
     randomize(model)
-    with torch.no_grad():  # one module that has not moved: nothing to resize there
-        model.model.layers[1].self_attn.q_proj.adapters["default"].lora_B.zero_()
     first = model.model.layers[0].self_attn.q_proj
     kept = first.adapters["default"]
-    for kwargs in ({"rank": 0}, {}, {"rank": 2, "energy": 0.5}, {"energy": 1.5}, {"energy": 0}, {"rank": 2}):
+    for kwargs in ({"rank": 0}, {}, {"rank": 2, "energy": 0.5}, {"energy": 1.5}, {"energy": 0}):
         with pytest.raises(lk.ConfigError):
             lk.resize(model, "default", **kwargs)
-        assert first.adapters["default"] is kept  # all or none
+        assert first.adapters["default"] is kept
     with pytest.raises(lk.AdapterNotFoundError):
         lk.resize(model, "other", rank=2)
+    decompose = analysis.delta_svd
+    last = model.model.layers[-1].self_attn.q_proj.adapters["default"]
+
+    def failing_on_the_last(adapter):
+        if adapter is last:
+            raise lk.MergeError("no decomposition")
+        return decompose(adapter)
+    monkeypatch.setattr(analysis, "delta_svd", failing_on_the_last)
+    with pytest.raises(lk.MergeError):
+        lk.resize(model, "default", rank=2)
+    assert first.adapters["default"] is kept  # all or none: the first module was done, and is undone
+
+
+@pytest.mark.parametrize("how", ["untrained", "pruned"])
+def test_resize_of_a_zero_update_is_an_exact_rank_one_zero_lora(how, tmp_path):
+    """An update that is zero (never trained, or an AdaLoRA module pruned to rank 0) resizes to a rank-1 LoRA
+    of zeros: the same function, and inspect reports it with every rank 0."""
+    model, ids = tiny_llama(), token_ids()
+    method = lk.LoRA(rank=4) if how == "untrained" else lk.AdaLoRA(init_rank=4, target_rank=2, total_steps=10)
+    lk.adapt(model, method, targets=["q_proj"])
+    randomize(model)
+    zero = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        if how == "untrained":
+            zero.adapters["default"].lora_B.zero_()
+        else:
+            zero.adapters["default"].rank_mask.zero_()
+    if how == "pruned":  # a reloaded AdaLoRA adapter holds only what it kept: here nothing
+        lk.save(model, tmp_path / "a")
+        model = lk.load(tiny_llama(), tmp_path / "a")
+        assert model.model.layers[0].self_attn.q_proj.adapters["default"].rank == 0
+    rows = {r["module"]: r for r in analysis.inspect(model)}
+    assert rows["model.layers.0.self_attn.q_proj"]["energy_rank_90"] == 0
+    with torch.no_grad():
+        before = model(ids).logits
+        report = lk.resize(model, "default", rank=4)  # the others' full rank: the whole function is kept
+        after = model(ids).logits
+    path = "model.layers.0.self_attn.q_proj"
+    assert report[path]["rank"] == 1 and report[path]["retained"] == 1.0
+    resized = model.get_submodule(path)
+    assert type(resized.recipes["default"]) is lk.LoRA and not resized.adapters["default"].delta_weight().any()
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
 
 
 def test_resize_of_a_merged_adapter_is_refused():
