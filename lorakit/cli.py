@@ -398,6 +398,20 @@ def cmd_convert(config: cfg.ConvertConfig) -> int:
     return 0
 
 
+def cmd_export(config: cfg.ExportConfig) -> int:
+    from lorakit.formats import gguf
+
+    if not config.adapter or not config.out:
+        raise cfg.ConfigError("lorakit export needs ADAPTER and --out FILE.gguf")
+    model, _, _ = _model_with_adapter(config)
+    if config.format == "gguf":
+        out = gguf.export_lora(model, config.out, outtype=config.outtype or "f32")
+    else:
+        out = gguf.export_merged(model, config.out, base_gguf=config.base_gguf or None, outtype=config.outtype or "f16")
+    print(f"{config.adapter} -> {out} ({config.format}, {out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 COMMANDS: dict[str, tuple[type, Callable, str, bool]] = {
     "finetune": (cfg.FinetuneConfig, cmd_finetune, "fine-tune a model with an adapter; default: SmolLM2-135M on "
                                                    "the built-in date task, accuracy before and after", True),
@@ -416,6 +430,8 @@ COMMANDS: dict[str, tuple[type, Callable, str, bool]] = {
                                              "short probe run; a YAML for lorakit finetune --config", True),
     "convert": (cfg.ConvertConfig, cmd_convert, "an adapter in another format: PEFT directories, kohya and diffusers "
                                                 "single files (Stable Diffusion tools)", True),
+    "export": (cfg.ExportConfig, cmd_export, "an adapter as GGUF for llama.cpp and Ollama: a LoRA adapter file, or "
+                                             "the merged model", True),
     "params": (cfg.ParamsConfig, cmd_params, "trainable parameters and memory of a method on given shapes or on "
                                              "a whole model", False),
 }

@@ -255,6 +255,18 @@ class ConvertConfig:
 
 
 @dataclass
+class ExportConfig(ModelConfig):
+    adapter: str = option("", "the adapter to export: a directory, or a kohya / diffusers file", positional=True)
+    format: str = option("gguf", "gguf: a llama.cpp LoRA adapter file; merged-gguf: the model with the adapter "
+                         "merged in, as a GGUF model", ("gguf", "merged-gguf"))
+    out: str = option("", "the GGUF file written (required)")
+    base_gguf: str = option("", "merged-gguf: the base model's GGUF file, whose metadata and untouched tensors are "
+                            "kept; default: the embedded model's own")
+    outtype: str = option("", "tensor type of what is written: f32 or f16 (default: f32 for gguf, f16 for "
+                          "merged-gguf)", ("", "f32", "f16"))
+
+
+@dataclass
 class ParamsConfig:
     shape: str = option("4096x4096", "weight shape d_out x d_in, e.g. 8192x8192 (comma-separate several)")
     model: str = option("", "count on a model's targeted layers instead of --shape: a Hugging Face model "
