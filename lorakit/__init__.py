@@ -10,7 +10,7 @@ and those of methods registered with ``lk.register``); see ``lorakit/registry.py
 from lorakit import registry
 from lorakit.adapt import adapt, enable_lora
 from lorakit.analysis import resize
-from lorakit.checkpoint import load, save
+from lorakit.files import load, save
 from lorakit.compose import combine
 from lorakit.errors import (AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, LorakitError,
                             MergeError, ShapeMismatchError, TargetNotFoundError, UnsupportedLayerError)

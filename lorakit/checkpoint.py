@@ -38,6 +38,7 @@ from lorakit.errors import (AdapterExistsError, AdapterFileError, AdapterNotFoun
                             ShapeMismatchError)
 from lorakit.layers import adapted_layers, spec_of
 from lorakit.methods.base import check_finite, recipe_fields, setting_names
+from lorakit.methods.lora import LoRA
 from lorakit.model import adapter_names
 from lorakit.trained import fresh_copy, trained_modules
 
@@ -45,7 +46,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 DIGEST_KEY = "lorakit_sha256"  # safetensors metadata: see tensor_digest
-SINGLE_FILE_FORMATS = ("kohya", "diffusers")  # lorakit/formats/single_file.py
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -170,8 +170,6 @@ def _patterns(recipes: dict[str, object], key: str, default) -> dict[str, object
 def _as_peft(recipe, adapter, path: str, lora_only: bool = False):
     """(recipe, adapter) in a form PEFT reads: as is, or converted to the equivalent plain LoRA.
     ``lora_only``: LoRA or DoRA only (what the single-file formats hold), converting AdaLoRA and others too."""
-    from lorakit.methods.lora import LoRA
-
     if (isinstance(recipe, LoRA) if lora_only else recipe.peft_config() is not None):
         return recipe, adapter
     plain = adapter.to_lora()
@@ -241,13 +239,8 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default", forma
 
     ``format``: "lorakit" or "peft" write an adapter directory. LoRA, rsLoRA and DoRA are always written in
     PEFT's format there; "peft" also converts PiSSA/MiLoRA adapters to the plain LoRA (rank 2r) that PEFT loads
-    on the original base. "kohya" and "diffusers" write one safetensors file for Stable Diffusion tools
-    (``model`` may then be a pipeline or {"unet": ..., "text_encoder": ...}; see lorakit/formats/single_file.py).
+    on the original base. (``lk.save`` also writes the single-file formats: lorakit/files.py.)
     """
-    if format in SINGLE_FILE_FORMATS:
-        from lorakit.formats.single_file import save_file
-
-        return save_file(model, path, name, format)
     if format not in ("lorakit", "peft"):
         raise ConfigError(f"format must be one of 'lorakit', 'peft', 'kohya', 'diffusers', got {format!r}")
     out = Path(path)
@@ -411,19 +404,14 @@ def _in_layers(config: dict, path: str) -> bool:
 
 
 def load(model: nn.Module, path: str | os.PathLike, name: str = "default", *, strict: bool = True) -> nn.Module:
-    """Add the adapter saved at ``path`` as ``name`` and make it active: an adapter directory (ours or PEFT's),
-    or a kohya / diffusers safetensors file (``model`` may then be a pipeline or a dict of its components).
+    """Add the adapter saved in the directory ``path`` (ours or PEFT's) as ``name`` and make it active.
+    (``lk.load`` also reads the single-file formats: lorakit/files.py.)
 
     Every tensor is checked against the model before anything is attached. A file missing every tensor
     of some module its config targets (or trains) is refused, naming them; ``strict=False`` warns and
     loads the rest (those modules stay the base).
     """
     path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":
-        from lorakit.formats.single_file import load_file
-
-        load_file(model, path, name, strict=strict)
-        return model
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{path}: an adapter directory adapts one module; pass that module (pipe.unet, say), "
                           f"not a {type(model).__name__}")

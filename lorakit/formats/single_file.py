@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from lorakit import checkpoint
@@ -191,8 +192,6 @@ def load_file(model, path: Path, name: str, *, strict: bool = True) -> None:
 
 
 def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
 
