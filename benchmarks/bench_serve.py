@@ -275,11 +275,6 @@ def summarise(results: list[dict]) -> dict:
 
 
 # --- serving: ours and the baseline -------------------------------------------------------------------
-def batched_prefill(engine) -> bool:
-    """Whether this engine prefills requests in groups (``_prefill(group)``) or one at a time (``_prefill(g)``)."""
-    return "group" in inspect.signature(type(engine)._prefill).parameters
-
-
 class EngineClock:
     """Time spent in the engine's prefills and decode steps, and the rows per step (wrapping the engine's
     methods on this instance only)."""
@@ -288,11 +283,11 @@ class EngineClock:
         self.reset()
         prefill, decode = engine._prefill, engine._decode
 
-        def timed_prefill(what):
+        def timed_prefill(rows):
             start = time.perf_counter()
-            prefill(what)
+            prefill(rows)
             self.prefill_s += time.perf_counter() - start
-            size = len(what) if isinstance(what, list) else 1
+            size = sum(len(row) for row in rows)
             self.prefills += size
             self.prefill_forwards += 1
             self.group_sizes[size] = self.group_sizes.get(size, 0) + 1
@@ -667,7 +662,6 @@ def bench_prefill(model, tokenizer, dirs: list[Path], args) -> dict:
     adapted = copy.deepcopy(model)
     adapters = _loaded(adapted, dirs[:n])
     names = [adapters.internal[f"a{a}"] for a in route]
-    grouped = batched_prefill(Engine(adapted, tokenizer, adapters))
     firsts: dict[str, list[int]] = {}
 
     def generations():
@@ -678,7 +672,7 @@ def bench_prefill(model, tokenizer, dirs: list[Path], args) -> dict:
         engine, gens = Engine(adapted, tokenizer, adapters, max_batch=batch), generations()
         with torch.no_grad():
             for g in gens:
-                engine._prefill([g] if grouped else g)
+                engine._prefill([[g]])
         firsts["alone"] = [g.generated[0] if g.generated else -1 for g in gens]
 
     def admitted():
@@ -711,7 +705,7 @@ def bench_prefill(model, tokenizer, dirs: list[Path], args) -> dict:
     same = lambda key: sum(a == b for a, b in zip(firsts["alone"], firsts[key]))  # noqa: E731
     out = {"prompts": batch, "adapters": n, "prompt_tokens": sum(len(p) for p in prompts),
            "padded_tokens": batch * width, "repeats": args.prefill_repeats, "other_cores": load.cores,
-           "engine_prefills_in_groups": grouped, "engine_forwards": firsts["forwards"][0],
+           "engine_forwards": firsts["forwards"][0],
            "alone_ms": 1e3 * t["alone"], "alone_ms_each": 1e3 * t["alone"] / batch,
            "engine_ms": 1e3 * t["engine"], "padded_ms": 1e3 * t["padded"],
            "engine_speedup": t["alone"] / t["engine"], "padded_speedup": t["alone"] / t["padded"],

@@ -81,7 +81,7 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """A text table: ``columns`` are (key, header, format spec)."""
     cells = [[format(r[k], f) if k in r else "-" for k, _, f in columns] for r in rows]
     headers = [h for _, h, _ in columns]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers)]  # rows may be none
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths))),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))

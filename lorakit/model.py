@@ -78,7 +78,10 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
-    """Inside the block, row i of every batch uses adapter ``names[i]`` (None = the base)."""
+    """Inside the block, row i of every batch uses adapter ``names[i]`` (None = the base).
+
+    Linear and embedding layers also take one name per position (rows × positions, row-major): several
+    sequences packed into one row then each go through their own adapter."""
     names = list(names)
     if not names:
         raise ConfigError("lk.route needs one adapter name (or None) per batch row")

@@ -6,6 +6,11 @@ AdaLoRA) are stacked, zero-padded to one rank behind a zero slot for the base, a
 batched matmuls gathering each row's factors; others (DoRA, spectral methods, conv LoRA) run once per
 adapter on their rows.
 
+Linear and embedding layers also take one name per position (rows × positions, row-major), so that
+several sequences packed into one row (the server's prefill) each go through their own adapter. Then
+each adapter runs once on its positions: gathering factors per position would copy them thousands of
+times.
+
 A layer's ``RoutingCache`` keeps, without grad, the stacks of every factored adapter across ``lk.route``
 blocks (restacking every layer per block cost more than the routed matmuls) and the plan of the
 current block; any change to a routed adapter's tensors (an optimizer step, a load, ``.to()``) is seen
@@ -38,7 +43,8 @@ class RoutingCache:
 
 def forward(layer, x: torch.Tensor, out: torch.Tensor, route: list, active: list[str]) -> torch.Tensor:
     """``out`` (the base output of ``layer``, an AdaptedLayer) plus, for row i, adapter route[i]'s update."""
-    if x.shape[0] != len(route):
+    per_position = len(route) != x.shape[0]
+    if per_position and not _positions_match(layer, x, len(route)):
         raise ConfigError(f"{layer.path}: lk.route was given {len(route)} names for a batch of {x.shape[0]}")
     if torch.is_grad_enabled():
         # Training restacks the routed adapters every call so gradients reach the live parameters.
@@ -57,6 +63,12 @@ def forward(layer, x: torch.Tensor, out: torch.Tensor, route: list, active: list
         names, index, stacks = cache.plan
     if not names:
         return out
+    if per_position:  # each position is a row of its own
+        # (positions, 1, d_in) or token ids (positions, 1); (positions, 1, d_out)
+        x_rows, out_rows = x.reshape(len(route), 1, *x.shape[2:]), out.reshape(len(route), 1, out.shape[-1])
+        if stacks is None:
+            return _one_adapter_at_a_time(layer, x_rows, out_rows, names, index).view(out.shape)
+        return _by_adapter(layer, x_rows, out_rows, index, stacks).view(out.shape)
     if stacks is None:
         return _one_adapter_at_a_time(layer, x, out, names, index)
     A, B, p = stacks
@@ -72,6 +84,37 @@ def forward(layer, x: torch.Tensor, out: torch.Tensor, route: list, active: list
             h = h * (torch.rand_like(h) < keep) / keep
         h = torch.bmm(h, A_rows.transpose(1, 2))  # (b, T, R)
     delta = torch.bmm(h, B_rows.transpose(1, 2))  # (b, T, d_out)
+    return add_update(out, delta.view(out.shape))
+
+
+def _positions_match(layer, x: torch.Tensor, names: int) -> bool:
+    """Whether ``names`` is one per position of ``x``: (rows, positions, d_in) into a linear layer, or token ids
+    (rows, positions) into an embedding."""
+    wanted = {"linear": 3, "embedding": 2}.get(layer.kind.layout)
+    return x.dim() == wanted and x.shape[0] * x.shape[1] == names
+
+
+def _by_adapter(layer, x, out, index, stacks) -> torch.Tensor:
+    """``out`` plus row i's update by slot ``index[i]``, one adapter at a time on its rows (x: (rows, 1, d_in), or
+    (rows, 1) token ids)."""
+    A, B, p = stacks
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=A.shape[0]).tolist()
+    delta = out.new_zeros(out.shape, dtype=A.dtype).view(len(index), -1)
+    start = counts[0]  # slot 0 (the base) first: no update
+    for slot, count in enumerate(counts[1:], start=1):
+        if not count:
+            continue
+        rows = order[start:start + count]
+        start += count
+        if layer.kind.layout == "embedding":
+            h = F.embedding(x.index_select(0, rows).view(-1), A[slot].t())  # (n, R)
+        else:
+            h = x.index_select(0, rows).view(count, -1).to(A.dtype)  # (n, d_in)
+            if layer.training and p[slot] > 0:
+                h = F.dropout(h, float(p[slot]))
+            h = h @ A[slot].t()
+        delta = delta.index_copy(0, rows, h @ B[slot].t())
     return add_update(out, delta.view(out.shape))
 
 

@@ -153,6 +153,34 @@ def test_route_sees_layers_and_adapters_added_or_removed_between_blocks(tmp_path
     assert_routed_rows_match_each_row_alone(["d", None, "d"])
 
 
+@pytest.mark.parametrize("recipe", [lk.LoRA(rank=3), lk.DoRA(rank=2), lk.SVF()], ids=lambda r: r.name)
+def test_route_takes_one_name_per_position_for_packed_sequences(recipe):
+    """Linear and embedding layers route per position (rows × positions names): each position gets its own
+    adapter's update, as if its row had been routed to that adapter (the layers here are position-wise)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16))
+    targets = ["0", "1", "3"] if isinstance(recipe, lk.LoRA) and recipe.name == "lora" else ["1", "3"]
+    for name in ("a", "b"):
+        lk.adapt(model, recipe, targets, name=name)
+        randomize(model, name, seed=len(name) + ord(name))
+    model.eval()
+    ids = torch.randint(0, 50, (2, 5))
+    names = ["a", "b", None, "a", "a", None, "b", "b", "a", None]
+    with torch.no_grad():
+        with lk.route(model, names):
+            packed = model(ids)
+        for position, name in enumerate(names):
+            row, column = divmod(position, 5)
+            with lk.route(model, [name]):
+                alone = model(ids[row:row + 1, column:column + 1])
+            torch.testing.assert_close(packed[row, column], alone[0, 0], atol=1e-6, rtol=1e-5)
+        with lk.disabled(model):
+            assert not torch.allclose(packed, model(ids))
+    with pytest.raises(lk.ConfigError, match="9 names for a batch of 2"):
+        with lk.route(model, names[:-1]):
+            model(ids)
+
+
 def test_unload_without_merge_gives_back_the_base():
     reference, x = tiny_llama(), token_ids()
     model = lk.adapt(tiny_llama(), lk.LoRA(rank=2), "all-linear")

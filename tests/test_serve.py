@@ -35,10 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["the date is", "hello", "a much longer prompt than any of the others here", "x", "tomorrow?"]
 
 
-def make_adapter(tiny_dir: Path, out: Path, recipe, seed: int, prompt_format: str | None = None) -> Path:
+def make_adapter(tiny_dir: Path, out: Path, recipe, seed: int, prompt_format: str | None = None,
+                 train: list[str] | None = None) -> Path:
     """An adapter with random (non-zero) tensors, so that every adapter changes the answers differently."""
     model, _ = models.load(str(tiny_dir), log=lambda m: None)
-    lk.adapt(model, recipe, targets="all-linear")
+    lk.adapt(model, recipe, targets="all-linear", train=train)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -58,13 +59,15 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def adapters(tiny, tmp_path_factory) -> dict[str, Path]:
     """Served adapters: two LoRAs, a DoRA and an SVF (no low-rank factors: routed adapter by adapter), one
-    trained on raw prompts, and PEFT's own files."""
+    trained on raw prompts, one with its own copy of the final norm (train=: prefilled a row per prompt, not
+    packed), and PEFT's own files."""
     root = tmp_path_factory.mktemp("adapters")
     made = {"lora-a": make_adapter(tiny, root / "lora-a", lk.LoRA(rank=4, alpha=8), 1),
             "lora-b": make_adapter(tiny, root / "lora-b", lk.LoRA(rank=2, alpha=2), 2),
             "dora": make_adapter(tiny, root / "dora", lk.DoRA(rank=4, alpha=8), 3),
             "svf": make_adapter(tiny, root / "svf", lk.SVF(), 4),
-            "raw": make_adapter(tiny, root / "raw", lk.LoRA(rank=4, alpha=8), 5, prompt_format="raw")}
+            "raw": make_adapter(tiny, root / "raw", lk.LoRA(rank=4, alpha=8), 5, prompt_format="raw"),
+            "norm": make_adapter(tiny, root / "norm", lk.LoRA(rank=2, alpha=4), 7, train=["model.norm"])}
     made["peft"] = peft_adapter(tiny, root / "peft")
     return made
 
@@ -135,7 +138,7 @@ def test_models_lists_the_base_and_every_adapter_with_the_base_as_parent(client,
 def test_a_mixed_batch_answers_as_each_request_alone_and_as_lorakit_generate(served, client, adapters, tiny,
                                                                            capsys):
     server, _ = served
-    jobs = [(client, model, prompt) for model in ["tiny", "lora-a", "lora-b", "dora", "svf", "peft"]
+    jobs = [(client, model, prompt) for model in ["tiny", "lora-a", "lora-b", "dora", "svf", "norm", "peft"]
             for prompt in PROMPTS[:3]]
     alone = [chat(*job) for job in jobs]
     steps = server.engine.steps
@@ -143,10 +146,10 @@ def test_a_mixed_batch_answers_as_each_request_alone_and_as_lorakit_generate(ser
         mixed_ = concurrent.futures.ThreadPoolExecutor(len(jobs)).map(lambda job: chat(*job), jobs)
     mixed = list(mixed_)
     assert mixed == alone
-    # they shared steps: 18 answers of 12 tokens in 3 batches of at most 8 (--max-batch), not 18 x 11 steps
+    # they shared steps: 21 answers of 12 tokens in 3 batches of at most 8 (--max-batch), not 21 x 11 steps
     assert server.engine.steps - steps <= 3 * 11
     for i in range(3):
-        assert len(set(alone[i::3])) == 6, f"every adapter answers {PROMPTS[i]!r} its own way"
+        assert len(set(alone[i::3])) == 7, f"every adapter answers {PROMPTS[i]!r} its own way"
     for (_, model, prompt), answer in zip(jobs[::3], alone[::3]):
         adapter = ["--adapter", str(adapters[model])] if model != "tiny" else []
         assert cli.main(["generate", "--model", str(tiny), "--prompt", prompt, "--max-new-tokens", "12",
@@ -180,6 +183,19 @@ def test_prefill_batches_group_similar_lengths_within_a_token_budget():
     assert sorted(n for group in groups for n in group) == [3, 4, 5, 30, 33, 40, 100]
     for group in groups:
         assert len(group) == 1 or (max(group) * len(group) <= 120 and sum(group) >= max(group) * len(group) * 2 / 3)
+
+
+def test_prefill_packs_prompts_end_to_end_into_rows_and_rows_into_forwards():
+    from lorakit.serve.engine import Generation, Sampling, _pack
+
+    generations = [Generation([0] * n, None, Sampling(1), print) for n in (40, 3, 30, 4, 100, 5, 33, 70)]
+    forwards = [[[len(g.prompt_ids) for g in row] for row in rows] for rows in _pack(generations, budget=240,
+                                                                                    width=110)]
+    # first fit by decreasing length into rows of 110 tokens; rows into forwards of at most 240 positions
+    assert forwards == [[[100, 5, 4], [70, 40]], [[33, 30, 3]]]
+    long = Generation([0] * 300, None, Sampling(1), print)  # longer than a row: a row (and forward) of its own
+    assert [[[len(g.prompt_ids) for g in row] for row in rows] for rows in _pack([long, *generations[:2]], 240, 110)
+            ] == [[[300]], [[40, 3]]]
 
 
 def test_streamed_answers_equal_whole_ones(client):

@@ -1,12 +1,14 @@
 """Continuous batching across adapters: one model in memory, one forward per decode step for every request.
 
 The engine runs in a thread of its own. Between two decode steps it runs the calls queued for it (adapter
-loads and unloads), drops cancelled requests, and admits waiting ones: they are prefilled together, in
-batches of similar prompt length (``_prefill_groups``), left-padded, each row through its own adapter,
-and each request's keys and values join the running batch's (``KVSlab``) as a row of its own. A decode
-step then feeds every running request its last token in one forward, row i routed through request i's
-adapter by ``lk.route`` (``lorakit/routing.py``: factored adapters stacked once and gathered per row; the
-stacks are kept across steps while the adapters do not change). Finished requests leave the batch at once.
+loads and unloads), drops cancelled requests, and admits waiting ones. They are prefilled together: the
+prompts laid end to end in rows of ``PACK_WIDTH`` tokens (``_pack``), each attending only to itself from
+position 0 (a block-diagonal causal mask) and each through its own adapter (``lk.route`` per position), so
+a forward computes almost no padding whatever the prompts' lengths. Each request's keys and values then
+join the running batch's (``KVSlab``) as a row of its own. A decode step feeds every running request its
+last token in one forward, row i routed through request i's adapter by ``lk.route``
+(``lorakit/routing.py``: factored adapters stacked once and gathered per row; the stacks are kept across
+steps while the adapters do not change). Finished requests leave the batch at once.
 
 A row computes from its own tokens, KV and adapter only: what other rows share its forwards changes
 nothing but the summation order inside batched matmuls (about 1e-7 relative in float32). A greedy answer
@@ -31,6 +33,11 @@ import torch
 
 import lorakit as lk
 from lorakit.errors import AdapterNotFoundError, ConfigError, LorakitError
+from lorakit.trained import trained_modules
+
+# A prefill row holds prompts end to end up to this many tokens (or one longer prompt). Its attention costs
+# width² however the prompts split it, so wider rows would spend more on masked-out scores than they save.
+PACK_WIDTH = 256
 
 
 class QueueFull(LorakitError):
@@ -94,10 +101,10 @@ class KVSlab:
         self.n = 0  # columns in use
         self.pad: list[int] = []
 
-    def join(self, cache, row: int = 0, start: int = 0) -> int:
-        """Add row ``row`` of a prefill's ``cache`` (a DynamicCache), from column ``start`` on (before it: that
-        row's left padding), as the slab's last row; its index."""
-        layers = [(layer.keys[row, :, start:], layer.values[row, :, start:]) for layer in cache.layers]
+    def join(self, cache, row: int, start: int, end: int) -> int:
+        """Add columns ``start:end`` of row ``row`` of a prefill's ``cache`` (a DynamicCache: one sequence of the
+        prompts packed in that row) as the slab's last row; its index."""
+        layers = [(layer.keys[row, :, start:end], layer.values[row, :, start:end]) for layer in cache.layers]
         length = layers[0][0].shape[1]
         if not self.keys:
             self.keys = [k.new_zeros(_grown(0, 1), k.shape[0], _grown(0, length + 1), k.shape[2]) for k, _ in layers]
@@ -236,6 +243,7 @@ class Adapters:
         self.paths: dict[str, Path] = {}
         self.internal: dict[str, str] = {}
         self.resident: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.with_copies: set[str] = set()  # internal names of loaded adapters with train= copies (routed per row)
         self.loads = 0
         self._counter = itertools.count()
 
@@ -277,11 +285,15 @@ class Adapters:
         return True
 
     def _load(self, name: str) -> None:
-        lk.load(self.model, self.paths[name], name=self.internal[name])
+        internal = self.internal[name]
+        lk.load(self.model, self.paths[name], name=internal)
+        if any(internal in module.adapters for _, module in trained_modules(self.model)):
+            self.with_copies.add(internal)
         self.loads += 1
 
     def _evict(self, name: str) -> None:
         lk.delete(self.model, self.internal[name])
+        self.with_copies.discard(self.internal[name])
         self.resident.pop(name, None)
 
 
@@ -301,6 +313,10 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = next(model.parameters()).device
+        attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        if attention not in ("sdpa", "eager"):
+            raise ConfigError(f"the server packs prompts with a 4D attention mask, which attention implementation "
+                              f"{attention!r} does not take: load the model with attn_implementation='sdpa'")
         # transformers 5.x renamed the cache argument: `cache` where the forward takes it
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.eos = _eos_ids(model, tokenizer)
@@ -419,29 +435,53 @@ class Engine:
         if skipped:
             with self._wake:
                 self.waiting.extendleft(reversed(skipped))
-        for group in _prefill_groups(admitted, self.prefill_tokens):
-            self._prefill(group)
+        # train= copies are routed per row, never per position: their requests get rows of their own
+        alone = [g for g in admitted if self._internal(g) in self.adapters.with_copies]
+        packed = [g for g in admitted if self._internal(g) not in self.adapters.with_copies]
+        for rows in _pack(packed, self.prefill_tokens) + [[[g] for g in group] for group in
+                                                           _prefill_groups(alone, self.prefill_tokens)]:
+            self._prefill(rows)
 
-    def _prefill(self, group: list[Generation]) -> None:
-        """One routed forward over ``group``'s prompts, left-padded to the longest; each joins the batch."""
+    def _prefill(self, rows: list[list[Generation]]) -> None:
+        """One routed forward over prompts laid end to end in ``rows``, each attending only to itself and counting
+        positions from 0, through its own adapter; each then joins the running batch."""
         from transformers import DynamicCache
 
+        group = [g for row in rows for g in row]
         lengths = [len(g.prompt_ids) for g in group]
-        width = max(lengths)
+        width = max(sum(len(g.prompt_ids) for g in row) for row in rows)
         try:
-            ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for i, g in enumerate(group):
-                ids[i, width - lengths[i]:] = torch.tensor(g.prompt_ids)
-                mask[i, width - lengths[i]:] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first token, as generate does
+            dtype = self.model.get_input_embeddings().weight.dtype  # the attention's (a 4-bit model's too)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            positions = torch.zeros((len(rows), width), dtype=torch.long)
+            # additive: 0 where a position may attend, the dtype's minimum elsewhere (-inf would make NaN rows)
+            mask = torch.full((len(rows), 1, width, width), torch.finfo(dtype).min, dtype=dtype)
+            route: list[str | None] = []
+            spans = []  # (row, start, end) of each prompt of ``group``
+            for r, row in enumerate(rows):
+                start = 0
+                for g in row:
+                    end = start + len(g.prompt_ids)
+                    ids[r, start:end] = torch.tensor(g.prompt_ids)
+                    positions[r, start:end] = torch.arange(end - start)
+                    mask[r, 0, start:end, start:end].triu_(1)  # causal within the prompt
+                    route += [self._internal(g)] * (end - start)
+                    spans.append((r, start, end))
+                    start = end
+                padding = torch.arange(start, width)
+                mask[r, 0, padding, padding] = 0  # padding sees itself only: no query without a key
+                route += [None] * (width - start)
+            if all(len(row) == 1 for row in rows):
+                route = [self._internal(row[0]) for row in rows]  # one prompt a row: route per row
+            ends = sorted({end - 1 for _, _, end in spans})
             cache = DynamicCache()
-            with lk.route(self.model, [self._internal(g) for g in group]):
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                 logits_to_keep=1, **{self._cache_arg: cache})
-            for i, g in enumerate(group):
-                self.slab.join(cache, row=i, start=width - lengths[i])
+            with lk.route(self.model, route):
+                out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                 position_ids=positions.to(self.device), use_cache=True,
+                                 logits_to_keep=torch.tensor(ends, device=self.device), **{self._cache_arg: cache})
+            last = torch.stack([out.logits[r, ends.index(end - 1)] for r, _, end in spans])
+            for g, (r, start, end) in zip(group, spans):
+                self.slab.join(cache, row=r, start=start, end=end)
                 self.running.append(g)
         except Exception as e:  # a failed prefill must not stop the requests already running
             for g in group:
@@ -457,7 +497,7 @@ class Engine:
                                         else int(torch.randint(2 ** 62, ()).item()))
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(sum(lengths))
-        tokens = self._choose(out.logits[:, -1], group)
+        tokens = self._choose(last, group)
         first = len(self.running) - len(group)
         for i in range(len(group) - 1, -1, -1):
             self._accept(first + i, tokens[i])
@@ -546,6 +586,33 @@ class Engine:
     def _observe(self) -> None:
         if self.metrics is not None:
             self.metrics.observe_state(self)
+
+
+def _pack(generations: list[Generation], budget: int, width: int = PACK_WIDTH) -> list[list[list[Generation]]]:
+    """``generations`` as prefill forwards, each a list of rows of prompts laid end to end: first fit by
+    decreasing length into rows of ``width`` tokens (a longer prompt: a row of its own), and rows into forwards
+    of at most ``budget`` positions (rows × the fullest row's tokens; one row at least)."""
+    rows: list[list[Generation]] = []
+    used: list[int] = []
+    for g in sorted(generations, key=lambda g: -len(g.prompt_ids)):
+        n = len(g.prompt_ids)
+        fit = next((i for i, u in enumerate(used) if u + n <= width), None)
+        if fit is None:
+            rows.append([g])
+            used.append(n)
+        else:
+            rows[fit].append(g)
+            used[fit] += n
+    forwards: list[list[list[Generation]]] = []
+    widest = 0  # the current forward's fullest row
+    for row, n in zip(rows, used):
+        if forwards and (len(forwards[-1]) + 1) * max(widest, n) <= budget:
+            forwards[-1].append(row)
+            widest = max(widest, n)
+        else:
+            forwards.append([row])
+            widest = n
+    return forwards
 
 
 def _prefill_groups(generations: list[Generation], budget: int) -> list[list[Generation]]:
