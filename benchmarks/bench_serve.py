@@ -2,7 +2,7 @@
 
     python benchmarks/bench_serve.py [--requests 64] [--rate 50] [--adapters 1,4,16,64]
                                      [--popularity uniform,zipf] [--baseline-adapters 16] [--passes 1]
-                                     [--targets qv|all-linear] [--rank 8] [--max-batch 32]
+                                     [--targets qv|all-linear] [--rank 8] [--max-batch 64]
                                      [--sections step,prefill,http] [--wait-quiet SECONDS] [--quick] [--json PATH]
 
 Model: the embedded SmolLM2-135M-Instruct (float32, CPU; ``--quick``: a 2-layer Llama from a config with
@@ -812,7 +812,7 @@ def main() -> None:
                         help="popularities the baseline also runs (its work does not depend on the adapter)")
     parser.add_argument("--targets", choices=sorted(TARGETS), default="qv")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=64, help="ours: --max-batch (the server's default)")
     parser.add_argument("--warmup-requests", type=int, default=4)
     parser.add_argument("--passes", type=int, default=1,
                         help="runs of every configuration of ours, alternating the order (the baseline runs once)")

@@ -114,7 +114,7 @@ def _by_adapter(layer, x, out, index, stacks) -> torch.Tensor:
             if layer.training and p[slot] > 0:
                 h = F.dropout(h, float(p[slot]))
             h = h @ A[slot].t()
-        delta = delta.index_copy(0, rows, h @ B[slot].t())
+        delta.index_copy_(0, rows, h @ B[slot].t())  # in place: a copy per adapter would rewrite all of delta
     return add_update(out, delta.view(out.shape))
 
 

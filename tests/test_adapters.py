@@ -176,6 +176,12 @@ def test_route_takes_one_name_per_position_for_packed_sequences(recipe):
             torch.testing.assert_close(packed[row, column], alone[0, 0], atol=1e-6, rtol=1e-5)
         with lk.disabled(model):
             assert not torch.allclose(packed, model(ids))
+    lk.activate(model, ["a", "b"])  # with grad: the same outputs, and gradients reach both adapters
+    with lk.route(model, names):
+        trained = model(ids)
+    torch.testing.assert_close(trained, packed)
+    trained.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lk.trainable_parameters(model))
     with pytest.raises(lk.ConfigError, match="9 names for a batch of 2"):
         with lk.route(model, names[:-1]):
             model(ids)

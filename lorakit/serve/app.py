@@ -39,7 +39,7 @@ class Server:
 
     def __init__(self, model, tokenizer, base_name: str, adapters: dict[str, Path] | None = None, *,
                  api_key: str | None = None, adapters_dir: str | Path | None = None,
-                 allow_runtime_adapters: bool = False, max_batch: int = 32, max_loaded_adapters: int = 16,
+                 allow_runtime_adapters: bool = False, max_batch: int = 64, max_loaded_adapters: int = 16,
                  max_queue: int = 256):
         self.tokenizer, self.base_name = tokenizer, base_name
         self.api_key = api_key or None

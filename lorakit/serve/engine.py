@@ -303,7 +303,7 @@ class Engine:
     ``submit`` and ``call`` may be used from any thread; everything touching the model runs in the engine's.
     """
 
-    def __init__(self, model, tokenizer, adapters: Adapters, max_batch: int = 32, max_queue: int = 256,
+    def __init__(self, model, tokenizer, adapters: Adapters, max_batch: int = 64, max_queue: int = 256,
                  metrics=None, prefill_tokens: int = 2048):
         for flag, value in (("--max-batch", max_batch), ("--max-queue", max_queue)):
             if value < 1:

@@ -184,7 +184,7 @@ class ServeConfig(ModelConfig):
     port: int = option(8000, "TCP port")
     api_key: str = option("", "require 'Authorization: Bearer KEY' on every endpoint but /health and the page; "
                           "default: $LORAKIT_API_KEY, else none")
-    max_batch: int = option(32, "requests decoded together in one forward (the running batch)")
+    max_batch: int = option(64, "requests decoded together in one forward (the running batch)")
     max_loaded_adapters: int = option(16, "adapters kept on the model; the least recently used idle one is "
                                       "unloaded for another and reloaded on demand")
     max_queue: int = option(256, "requests waiting for a place in the batch; more are answered 429")
