@@ -198,6 +198,16 @@ def test_prefill_packs_prompts_end_to_end_into_rows_and_rows_into_forwards():
             ] == [[[300]], [[40, 3]]]
 
 
+def test_an_attention_that_takes_no_4d_mask_is_refused_by_name(tiny, adapters):
+    from lorakit.serve.engine import Adapters, Engine
+
+    model, tokenizer = models.load(str(tiny), log=lambda m: None)
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(lk.ConfigError, match="'flex_attention' does not take: load the model with "
+                                             "attn_implementation='sdpa'"):
+        Engine(model, tokenizer, Adapters(model, 1))
+
+
 def test_streamed_answers_equal_whole_ones(client):
     for model in ("lora-a", "dora"):
         whole = chat(client, model, "hello")
