@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: finetune serve demo test test-slow bench clean
+.PHONY: finetune serve demo test test-slow bench clean browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ serve: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
-test: $(VENV)/.installed
+# tests/test_playground.py drives the serve playground in a real headless browser: Debian's chromium through
+# Playwright (Playwright's own browser download is not reachable), installed here when missing.
+browser:
+	@command -v chromium >/dev/null || { SUDO=; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+test: $(VENV)/.installed browser
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: $(VENV)/.installed
