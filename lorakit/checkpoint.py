@@ -7,8 +7,12 @@ written by PEFT load here too. Methods PEFT lacks use the same two files with
 touching the model, so a bad file leaves the model as it was.
 
 Integrity: safetensors has no checksum, so every tensor file lorakit writes (``write_tensors``: adapters,
-and the trainer's checkpoints) carries a sha256 of its tensors in its metadata, which ``read_tensors``
-checks; a flipped bit is an AdapterFileError naming the file. Files without one (PEFT's) read as before.
+the single-file formats, the trainer's checkpoints) carries a sha256 of its tensors and metadata, which
+``read_tensors`` checks; an adapter directory's weights also carry the sha256 of its config. A file lorakit
+wrote must prove it: its metadata holds two ``lorakit_*`` keys, so a bit flip that renames the digest's key
+leaves the other, and a file with any ``lorakit_*`` key but no valid digest is refused. Files without any
+(PEFT's) read as before. Loads also refuse what the model would take silently changed: config values of the
+wrong JSON type, non-float or non-finite tensors, PEFT's ``bias`` modes (which overwrite the base's biases).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 DIGEST_KEY = "lorakit_sha256"  # safetensors metadata: see tensor_digest
+CONFIG_DIGEST_KEY = "lorakit_config_sha256"  # an adapter's weights: the sha256 of its adapter_config.json
+VERSION_KEY = "lorakit_version"  # every file lorakit writes: the second mark beside the digest
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -89,14 +95,25 @@ def _naming(path: Path) -> Iterator[None]:
         raise AdapterFileError(f"{path}: cannot write it ({getattr(e, 'strerror', None) or e})") from e
 
 
-def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the tensors' sorted names, dtypes, shapes and bytes (the checksum lorakit's files carry)."""
+def tensor_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """sha256 over the tensors' sorted names, dtypes, shapes and bytes, then ``metadata``'s sorted entries but
+    the digest's own (the checksum lorakit's files carry)."""
+    digest = _tensors_sha256(tensors)
+    return (digest if metadata is None else _add_metadata(digest, metadata)).hexdigest()
+
+
+def _tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> hashlib._Hash:
     digest = hashlib.sha256()
     for key in sorted(tensors):
         tensor = tensors[key].detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, without a copy
-    return digest.hexdigest()
+    return digest
+
+
+def _add_metadata(digest: hashlib._Hash, metadata: Mapping[str, str]) -> hashlib._Hash:
+    digest.update(json.dumps(sorted((k, v) for k, v in metadata.items() if k != DIGEST_KEY)).encode())
+    return digest
 
 
 def _tensors_writer(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
@@ -104,24 +121,29 @@ def _tensors_writer(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     """What writes ``tensors`` as a safetensors file with their digest (for atomic_write_all)."""
     # Copies on the CPU: safetensors wants contiguous CPU tensors and refuses ones sharing storage (tied weights).
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    metadata = {**(metadata or {}), "format": "pt", DIGEST_KEY: tensor_digest(tensors)}
+    metadata = {**(metadata or {}), "format": "pt", VERSION_KEY: _version()}
+    metadata[DIGEST_KEY] = tensor_digest(tensors, metadata)
     return lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
 
 
 def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                   metadata: Mapping[str, str] | None = None) -> None:
     """Write ``tensors`` (any device; shared storage is fine) to the safetensors file ``path``, atomically,
-    with a digest of their bytes in its metadata that ``read_tensors`` checks. ``metadata``: more str → str."""
+    with a digest of their bytes and the metadata that ``read_tensors`` checks. ``metadata``: more str → str."""
     atomic_write(Path(path), _tensors_writer(tensors, metadata))
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors file ``path``, on the CPU, checked against the digest lorakit writes
-    (a file without one, such as PEFT's, is read as it is).
+    (a file without any ``lorakit_*`` metadata, such as PEFT's, is read as it is).
 
     A missing, truncated, corrupt or altered file raises AdapterFileError naming it.
     """
-    path = Path(path)
+    return _read_checked(Path(path))[0]
+
+
+def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the safetensors file ``path``, checked as ``read_tensors`` says."""
     if not path.is_file():
         raise AdapterFileError(f"{path}: no such file")
     try:
@@ -131,10 +153,20 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise AdapterFileError(f"{path}: truncated or corrupt ({e})") from None
     expected = metadata.get(DIGEST_KEY)
-    if expected is not None and tensor_digest(tensors) != expected:
+    if expected is None:
+        marks = sorted(k for k in metadata if k.startswith("lorakit_"))
+        if marks:
+            raise AdapterFileError(f"{path}: lorakit wrote it (its metadata has {', '.join(marks)}), but its checksum "
+                                   f"{DIGEST_KEY} is missing; the file is damaged")
+        return tensors, metadata
+    of_tensors = _tensors_sha256(tensors)
+    whole = _add_metadata(of_tensors.copy(), metadata)
+    # Files written before the digest covered the metadata (lorakit 0.1.0) carry the tensors' alone; no bit flip
+    # turns one digest into the other.
+    if expected not in (whole.hexdigest(), of_tensors.hexdigest()):
         raise AdapterFileError(f"{path}: its tensor data does not match the checksum saved with it; the file is "
-                               "corrupt (changed after it was written)")
-    return tensors
+                               "corrupt (its tensors or metadata changed after it was written)")
+    return tensors, metadata
 
 
 def _version() -> str:
@@ -204,6 +236,11 @@ def peft_form(model: nn.Module, name: str = "default", format: str = "lorakit"
     for path, trained_copy in trained.items():
         for key, tensor in trained_copy.state_dict().items():
             tensors[f"{path}.{key}"] = tensor
+    broken = [key for key, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if broken:  # lk.load refuses such a file, and lk.merge such an adapter
+        listed = ", ".join(broken[:6]) + (f" and {len(broken) - 6} more" if len(broken) > 6 else "")
+        raise ConfigError(f"adapter {name!r} holds NaN or infinite values in {listed}; it is not saved (training "
+                          "diverged? resume from an earlier checkpoint with a lower learning rate)")
 
     config = {
         "base_model_name_or_path": str(getattr(getattr(model, "config", None), "_name_or_path", None) or "") or None,
@@ -250,14 +287,20 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default", forma
     config, tensors, _ = peft_form(model, name, format)
     with _naming(out):
         out.mkdir(parents=True, exist_ok=True)
+    with _naming(out / CONFIG_NAME):  # its text is made before either file is written, for its checksum
+        text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    # The config's checksum rides in the weights' metadata, under their digest: PEFT warns about any key it does
+    # not know in adapter_config.json, so the config itself stays PEFT's.
+    signed = {CONFIG_DIGEST_KEY: hashlib.sha256(text).hexdigest()}
     # Both files are complete on disk before either replaces an old one.
-    atomic_write_all({out / WEIGHTS_NAME: _tensors_writer({PREFIX + k: v for k, v in tensors.items()}, None),
-                      out / CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")})
+    atomic_write_all({out / WEIGHTS_NAME: _tensors_writer({PREFIX + k: v for k, v in tensors.items()}, signed),
+                      out / CONFIG_NAME: lambda p: p.write_bytes(text)})
     return out
 
 
-def read(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The config and tensors of an adapter directory, with clear errors for anything unreadable."""
+def read(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], str | None]:
+    """The config and tensors of an adapter directory, with clear errors for anything unreadable, and what
+    shows that the config is not the one lorakit wrote beside these tensors (None: it is, or the files are PEFT's)."""
     directory = Path(directory)
     if directory.is_file():
         raise AdapterFileError(f"{directory}: is a file, not an adapter directory (give the directory that holds "
@@ -267,8 +310,9 @@ def read(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise AdapterFileError(f"{directory}: no {CONFIG_NAME} (not an adapter directory)")
+    text = config_path.read_bytes()
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFileError(f"{config_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
@@ -276,13 +320,23 @@ def read(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     weights = directory / WEIGHTS_NAME
     legacy = directory / "adapter_model.bin"
     if weights.is_file():
-        return config, read_tensors(weights)
-    if not legacy.is_file():
+        tensors, metadata = _read_checked(weights)
+    elif not legacy.is_file():
         raise AdapterFileError(f"{directory}: no {WEIGHTS_NAME}")
-    try:
-        return config, torch.load(legacy, map_location="cpu", weights_only=True)  # never unpickles code
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise AdapterFileError(f"{legacy}: truncated or corrupt ({e})") from None
+    else:
+        try:
+            tensors, metadata = torch.load(legacy, map_location="cpu", weights_only=True), {}  # never unpickles code
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            raise AdapterFileError(f"{legacy}: truncated or corrupt ({e})") from None
+    signed = metadata.get(CONFIG_DIGEST_KEY)
+    if signed is not None and hashlib.sha256(text).hexdigest() != signed:
+        return config, tensors, (f"{config_path}: changed since lorakit wrote it (it does not match the checksum "
+                                 f"{weights.name} carries): damaged, or edited by hand")
+    marks = sorted(k for k in config if k.startswith("lorakit_"))
+    if marks and not any(k.startswith("lorakit_") for k in metadata):
+        return config, tensors, (f"{config_path}: lorakit wrote it ({', '.join(marks)}), but its weights carry no "
+                                 "lorakit checksum: replaced or damaged")
+    return config, tensors, None
 
 
 def _has_rank(recipe) -> bool:
@@ -291,7 +345,15 @@ def _has_rank(recipe) -> bool:
 
 
 def _recipe(config: dict, where: Path):
-    """The default recipe a config describes."""
+    """The default recipe a config describes (a lorakit method's recipe checks its stored settings itself)."""
+    bias = config.get("bias", "none")
+    if bias != "none":
+        trained = "every bias of the model" if bias == "all" else "the biases of the layers it adapts"
+        raise AdapterFileError(
+            f"{where}: bias={bias!r}: the adapter also trained {trained}, which PEFT writes over the model's own (so "
+            "even the disabled adapter changes the model); lorakit keeps the base model as it is and reads "
+            "bias='none' adapters only. Merge this one into the base with PEFT "
+            "(PeftModel.from_pretrained(model, path).merge_and_unload()), or train it with bias='none'")
     if "lorakit_method" in config:
         try:
             cls = registry.entry(config["lorakit_method"]).recipe
@@ -308,25 +370,70 @@ def _recipe(config: dict, where: Path):
     return recipe
 
 
-def _check_patterns(config: dict, where: Path) -> None:
-    """Refuse a config whose module-name fields are not strings or whose regexes do not compile, naming the file."""
-    patterns = []
-    for field in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
-        value = config.get(field)
-        names = [] if value is None else [value] if isinstance(value, str) else value
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise AdapterFileError(f"{where}: {field} must be a string or a list of strings, got {value!r}")
-        # PEFT reads a target_modules / exclude_modules string, layers_pattern and modules_to_save as regexes.
-        if isinstance(value, str) or field in ("layers_pattern", "modules_to_save"):
-            patterns += [(field, n) for n in names]
-    for field in ("rank_pattern", "alpha_pattern"):
-        value = config.get(field) or {}
-        if not isinstance(value, dict):
-            raise AdapterFileError(f"{where}: {field} must map module patterns to values, got {value!r}")
-        patterns += [(field, key) for key in value]
-    for field, pattern in patterns:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_object(value) -> bool:
+    return isinstance(value, dict)
+
+
+def _mapping(test: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda value: isinstance(value, dict) and all(map(test, value.values()))
+
+
+# (what a JSON value must be, its test): Python's own int() and bool() would raise OverflowError on 1e999 and
+# read "no" as true.
+_INT = ("an int", _is_int)
+_NUMBER = ("a number", _is_number)
+_BOOL = ("true or false", lambda value: isinstance(value, bool))
+_STRING = ("a string", lambda value: isinstance(value, str))
+_NAMES = ("a string or a list of strings",
+          lambda value: isinstance(value, str) or isinstance(value, list) and all(isinstance(n, str) for n in value))
+# The config keys lorakit reads (PEFT's LoraConfig and AdaLoraConfig, lorakit's own): (what the value must be,
+# its test, whether null is allowed). Keys lorakit does not read are left alone, as PEFT leaves them.
+_CONFIG_KEYS: dict[str, tuple[str, Callable[[object], bool], bool]] = {
+    "peft_type": (*_STRING, True),
+    **{key: (*_INT, False) for key in ("r", "init_r", "target_r", "total_step", "tinit", "tfinal", "deltaT")},
+    **{key: (*_NUMBER, False) for key in ("lora_alpha", "beta1", "beta2", "orth_reg_weight")},
+    "lora_dropout": (*_NUMBER, True),
+    **{key: (*_BOOL, False) for key in ("use_rslora", "use_dora", "lora_bias")},
+    "bias": ("'none', 'all' or 'lora_only'", lambda value: value in ("none", "all", "lora_only"), False),
+    **{key: (*_NAMES, True) for key in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save")},
+    "layers_to_transform": ("an int or a list of ints",
+                            lambda value: _is_int(value) or isinstance(value, list) and all(map(_is_int, value)), True),
+    "rank_pattern": ("an object mapping module patterns to ints", _mapping(_is_int), True),
+    "alpha_pattern": ("an object mapping module patterns to numbers", _mapping(_is_number), True),
+    **{key: (*_STRING, False) for key in ("lorakit_method", "lorakit_recipe_class", "lorakit_version")},
+    "lorakit_recipe": ("an object of the method's settings", _is_object, False),
+    "lorakit_overrides": ("an object mapping module paths to settings", _mapping(_is_object), False),
+}
+# AdaLoRA's rank_pattern says which of the init_r triplets each matrix keeps.
+_ADALORA_RANKS = ("an object mapping module names to lists of true/false",
+                  _mapping(lambda value: isinstance(value, list) and all(isinstance(b, bool) for b in value)), True)
+
+
+def _check_config(config: dict, where: Path) -> None:
+    """Refuse a config value of the wrong JSON type, or a module-name regex that does not compile, naming the
+    file and key."""
+    keys = {**_CONFIG_KEYS, "rank_pattern": _ADALORA_RANKS} if config.get("peft_type") == "ADALORA" else _CONFIG_KEYS
+    for key, (what, test, nullable) in keys.items():
+        if key in config and not (nullable and config[key] is None or test(config[key])):
+            raise AdapterFileError(f"{where}: {key} must be {what}{' (or null)' if nullable else ''}, "
+                                   f"got {config[key]!r}")
+    # PEFT reads a target_modules / exclude_modules string, layers_pattern and modules_to_save as regexes.
+    patterns = [(key, config[key]) for key in ("target_modules", "exclude_modules") if isinstance(config.get(key), str)]
+    for key in ("layers_pattern", "modules_to_save"):
+        value = config.get(key) or []
+        patterns += [(key, name) for name in ([value] if isinstance(value, str) else value)]
+    patterns += [(key, pattern) for key in ("rank_pattern", "alpha_pattern") for pattern in config.get(key) or {}]
+    for key, pattern in patterns:
         try:
-            check_regex(pattern, field)
+            check_regex(pattern, key)
         except ConfigError as e:
             raise AdapterFileError(f"{where}: {e}") from None
 
@@ -409,7 +516,8 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default", *, st
 
     Every tensor is checked against the model before anything is attached. A file missing every tensor
     of some module its config targets (or trains) is refused, naming them; ``strict=False`` warns and
-    loads the rest (those modules stay the base).
+    loads the rest (those modules stay the base). So are tensors the model would take changed (not float, NaN
+    or infinite) and a config lorakit's checksum does not cover (edited, or damaged); ``strict=False`` warns.
     """
     path = Path(path)
     if not isinstance(model, nn.Module):
@@ -417,8 +525,14 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default", *, st
                           f"not a {type(model).__name__}")
     if name in adapter_names(model):
         raise AdapterExistsError(f"the model already has an adapter named {name!r}; load it under another name")
-    config, tensors = read(path)
-    prepare_peft(model, name, config, tensors, path / CONFIG_NAME, path / WEIGHTS_NAME, strict=strict)()
+    config, tensors, unproven = read(path)
+    commit = prepare_peft(model, name, config, tensors, path / CONFIG_NAME, path / WEIGHTS_NAME, strict=strict)
+    # After prepare_peft's checks: a config they refuse is better told by what is wrong with it than by a checksum.
+    if unproven is not None:
+        if strict:
+            raise AdapterFileError(f"{unproven}; lk.load(..., strict=False) loads it anyway, with a warning")
+        warnings.warn(f"{unproven}; loaded anyway (strict=False)", stacklevel=3)
+    commit()
     return model
 
 
@@ -428,7 +542,7 @@ def prepare_peft(model: nn.Module, name: str, config: dict, tensors: dict[str, t
     describe for ``model``, changing nothing; returns what attaches it as ``name``. Errors name
     ``config_path`` / ``weights_path``."""
     directory = weights_path.parent if weights_path.name == WEIGHTS_NAME else weights_path
-    _check_patterns(config, config_path)
+    _check_config(config, config_path)
     try:
         default = _recipe(config, directory)
         check_finite(default)
@@ -471,8 +585,11 @@ def prepare_peft(model: nn.Module, name: str, config: dict, tensors: dict[str, t
         except (TypeError, ValueError) as e:  # an override out of range (ConfigError) or no setting of the method
             raise AdapterFileError(f"{config_path}: {path}: not a valid setting ({type(e).__name__}: {e})") from None
         adapter = recipe.build(spec_of(modules[path]), init=False)
+        _check_values(f"{weights_path}: {path}", module_tensors, adapter.export(), strict)
         adapter.load_tensors(module_tensors, where=path)
         built[path] = (recipe, adapter)
+    for path, module_tensors in [*trained.items(), *base_tensors.items()]:
+        _check_values(f"{weights_path}: {path}", module_tensors, modules[path].state_dict(), strict)
     copies = {path: _trained_copy(modules[path], path, module_tensors) for path, module_tensors in trained.items()}
     base_copies = [(path, pname, param, tensor) for path, module_tensors in base_tensors.items()
                    for pname, param, tensor in _fitting(modules[path], path, module_tensors)]
@@ -487,6 +604,25 @@ def prepare_peft(model: nn.Module, name: str, config: dict, tensors: dict[str, t
                                   "embeddings whole); it replaces the model's", stacklevel=3)
                 param.copy_(tensor)
     return commit
+
+
+def _check_values(where: str, tensors: dict[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
+                  strict: bool) -> None:
+    """Refuse a file tensor that the model's floating-point tensor of its name would take silently changed: an
+    integer or bool one (cast to float) or one holding NaN or infinities; ``strict=False`` warns instead."""
+    for key, tensor in tensors.items():
+        target = targets.get(key)
+        if target is None or not target.is_floating_point():
+            continue  # an unknown key is refused by name later; integer state (support indices) is the method's
+        if not tensor.is_floating_point():
+            problem = f"is {tensor.dtype}, not a floating-point tensor (the model's {target.dtype} would take it cast)"
+        elif not tensor.isfinite().all():
+            problem = "holds NaN or infinite values"
+        else:
+            continue
+        if strict:
+            raise AdapterFileError(f"{where}.{key}: {problem}; lk.load(..., strict=False) loads it with a warning")
+        warnings.warn(f"{where}.{key}: {problem}; loaded anyway (strict=False)", stacklevel=5)  # lk.load's caller
 
 
 def _fitting(module: nn.Module, path: str, tensors: dict[str, torch.Tensor]) -> list[tuple]:

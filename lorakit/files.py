@@ -32,7 +32,11 @@ def load(model, path: str | os.PathLike, name: str = "default", *, strict: bool 
     or a kohya / diffusers safetensors file (``model`` may then be a pipeline or a dict of its components).
 
     Every tensor is checked against the model before anything is attached. A file missing every tensor of some
-    module its config targets (or trains) is refused, naming them; ``strict=False`` warns and loads the rest.
+    module its config targets (or trains) is refused, naming them; ``strict=False`` warns and loads the rest. So
+    are tensors the model would take changed (not float, NaN or infinite) and an adapter config lorakit's
+    checksum does not cover (edited since it was saved); ``strict=False`` warns and loads them. A file lorakit
+    wrote whose checksum is missing or wrong, a config value of the wrong JSON type, and PEFT's ``bias="all"`` /
+    ``"lora_only"`` adapters (which overwrite the base model's biases) are always refused.
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":

@@ -96,7 +96,6 @@ def save_file(model, path: str | os.PathLike, name: str, format: str) -> Path:
                               f"a {format} file holds LoRA updates only (save it with format='peft')")
     write = _kohya if format == "kohya" else _diffusers
     tensors, metadata = write(parts, forms)
-    metadata["lorakit_version"] = checkpoint._version()
     out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_tensors(out, tensors, metadata)
     return out
