@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from lorakit.errors import ConfigError, LorakitError
+from lorakit.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.errors import AdapterFileError, ConfigError, LorakitError
 from lorakit.serve.api import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, VLLMLoadRequest,
                                VLLMUnloadRequest, parse)
 from lorakit.serve.engine import Adapters, Engine, EngineStopped, Generation, QueueFull, Sampling
@@ -31,7 +34,13 @@ from lorakit.serve.metrics import Metrics
 from lorakit.train import data
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-SAFETENSORS = "adapter_model.safetensors"
+MAX_BODY_BYTES = 4 * 2 ** 20
+# Parts of letters, digits, '.', '_' and '-', each starting with a letter or digit, joined by '/' ("org/name"):
+# no '..' part, no leading '/', no whitespace or control characters to forge log lines or paths with.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)*", re.ASCII)
+# What a malformed adapter file can make a reader raise where it checks nothing (a config field of the wrong type,
+# an unreadable file): still that file's fault, so the adapter is refused by name, never a crash or a 500.
+MALFORMED = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError)
 
 
 class Server:
@@ -40,9 +49,12 @@ class Server:
     def __init__(self, model, tokenizer, base_name: str, adapters: dict[str, Path] | None = None, *,
                  api_key: str | None = None, adapters_dir: str | Path | None = None,
                  allow_runtime_adapters: bool = False, max_batch: int = 64, max_loaded_adapters: int = 16,
-                 max_queue: int = 256):
+                 max_queue: int = 256, max_body_bytes: int = MAX_BODY_BYTES):
+        if max_body_bytes < 1:
+            raise ConfigError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
         self.tokenizer, self.base_name = tokenizer, base_name
         self.api_key = api_key or None
+        self.max_body_bytes = max_body_bytes
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir else None
         self.allow_runtime_adapters = allow_runtime_adapters
         self.metrics = Metrics()
@@ -54,27 +66,48 @@ class Server:
             self.add(name, path)
         self.engine = Engine(model, tokenizer, self.store, max_batch=max_batch, max_queue=max_queue,
                              metrics=self.metrics)
+        # Each token stands for at most this many characters of text (a byte-level BPE token's string has one
+        # character per byte, and a text has no more characters than bytes), so a longer text cannot fit the
+        # context: it is refused without being tokenised.
+        longest_token = max(len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if t)
+        self.max_prompt_chars = self.engine.context * longest_token
+        self.tokenizing: ThreadPoolExecutor | None = None  # while serving: one thread, as vLLM's, off the event loop
         self.app = self._build_app()
 
     def add(self, name: str, path: str | Path) -> None:
         """Serve the adapter in ``path`` as ``name`` (before the server starts; at run time: POST /v1/adapters).
-        A LorakitError if it cannot be (a bad name, a file that does not fit the model)."""
+        A LorakitError naming the file and the reason if it cannot be: a bad name, a file that is unreadable,
+        malformed or does not fit the model (``lorakit serve`` skips such an adapter it found, and serves the rest)."""
         try:
             self._check_name(name)
         except APIError as e:
             raise ConfigError(e.message) from None
-        self.formats[name] = data.read_prompt_format(path)
-        self.store.add(name, Path(path))
+        self._serve(name, Path(path))
+
+    def _serve(self, name: str, path: Path, busy: set[str] = frozenset()) -> None:
+        """Read ``path`` once (its tensors stay in host memory: see ``Adapters``) and serve it as ``name``."""
+        try:
+            # its prompt format is known before any request can name it
+            self.formats[name] = data.read_prompt_format(path)
+            self.store.add(name, path, busy)
+        except BaseException as e:
+            self.formats.pop(name, None)
+            if isinstance(e, LorakitError) or not isinstance(e, MALFORMED):
+                raise
+            raise AdapterFileError(f"{path}: its files cannot be read as an adapter ({type(e).__name__}: {e})"
+                                   ) from None
 
     # --- the app -----------------------------------------------------------------------------------------
     def _build_app(self):
         @contextlib.asynccontextmanager
         async def lifespan(_app):
+            self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="lorakit-tokenize")
             self.engine.start()
             try:
                 yield
             finally:
                 self.engine.stop()
+                self.tokenizing.shutdown(cancel_futures=True)
 
         app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -126,18 +159,18 @@ class Server:
         @app.post("/v1/completions")
         async def completions(request: Request):
             self._authorize(request)
-            body = parse(CompletionRequest, await request.body())
+            body = parse(CompletionRequest, await self._body(request))
             adapter = self._adapter_of(body.model)
-            prompts = self._completion_prompts(body.prompt)
+            prompts = await self._off_loop(self._completion_prompts, body.prompt)
             max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
             return await self._generate(request, body, adapter, prompts, max_tokens, chat=False)
 
         @app.post("/v1/chat/completions")
         async def chat_completions(request: Request):
             self._authorize(request)
-            body = parse(ChatRequest, await request.body())
+            body = parse(ChatRequest, await self._body(request))
             adapter = self._adapter_of(body.model)
-            ids = self._chat_prompt(body.conversation(), adapter)
+            ids = await self._off_loop(self._chat_prompt, body.conversation(), adapter)
             return await self._generate(request, body, adapter, [ids], body.max_completion_tokens or body.max_tokens,
                                         chat=True)
 
@@ -145,14 +178,14 @@ class Server:
         async def load_adapter(request: Request):
             self._authorize(request)
             self._runtime_allowed()
-            body = parse(LoadAdapterRequest, await request.body())
+            body = parse(LoadAdapterRequest, await self._body(request))
             return await self._load(body.name, body.path)
 
         @app.post("/v1/load_lora_adapter")  # vLLM's names for the same, so its clients and scripts work here
         async def load_lora_adapter(request: Request):
             self._authorize(request)
             self._runtime_allowed()
-            body = parse(VLLMLoadRequest, await request.body())
+            body = parse(VLLMLoadRequest, await self._body(request))
             if body.load_inplace and body.lora_name in self.served():
                 await self._unload(body.lora_name)
             return await self._load(body.lora_name, body.lora_path)
@@ -161,7 +194,7 @@ class Server:
         async def unload_lora_adapter(request: Request):
             self._authorize(request)
             self._runtime_allowed()
-            body = parse(VLLMUnloadRequest, await request.body())
+            body = parse(VLLMUnloadRequest, await self._body(request))
             await self._unload(body.lora_name)
             return {"id": body.lora_name, "object": "model", "deleted": True}
 
@@ -183,6 +216,29 @@ class Server:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
+
+    async def _body(self, request: Request) -> bytes:
+        """The request's body; 413 past ``max_body_bytes``, by its Content-Length before a byte of it is read, else
+        (a chunked upload) as soon as what arrived passes it."""
+        declared = int(request.headers.get("content-length", 0))  # the HTTP parser has checked it is a number
+        if declared > self.max_body_bytes:
+            raise self._too_large(f"{declared} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large(f"more than {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, size: str) -> APIError:
+        return APIError(413, f"the request body has {size}; this server takes at most {self.max_body_bytes} "
+                             "(--max-body-bytes)", code="request_too_large")
+
+    async def _off_loop(self, fn, *args):
+        """``fn(*args)`` in the tokenizing thread, so that a long prompt holds up no other request and not /health
+        (a fast tokenizer releases the GIL while it works)."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
 
     def _adapter_of(self, model: str) -> str | None:
         if model == self.base_name:
@@ -211,7 +267,7 @@ class Server:
                     raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0 to {vocab - 1})",
                                    param="prompt")
             return [self._nonempty(list(r)) for r in rows]
-        return [self._nonempty(data.prompt_ids(t, self.tokenizer)) for t in texts]
+        return [self._prompt_ids(t, "prompt") for t in texts]
 
     def _chat_prompt(self, conversation: list[dict], adapter: str | None) -> list[int]:
         prompt_format = (self.formats.get(adapter) if adapter else None) or "chat"
@@ -221,6 +277,16 @@ class Server:
             prompt = data.in_format(conversation, prompt_format)
         except LorakitError as e:
             raise APIError(400, str(e), param="messages") from None
+        return self._prompt_ids(prompt, "messages")
+
+    def _prompt_ids(self, prompt: str | list[dict], param: str) -> list[int]:
+        """``data.prompt_ids`` of ``prompt`` (text, or chat messages), refused untokenised when it has more
+        characters than the context can hold (``max_prompt_chars``)."""
+        characters = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+        if characters > self.max_prompt_chars:
+            raise APIError(400, f"this model's maximum context length is {self.engine.context} tokens, at most "
+                                f"{self.max_prompt_chars} characters of text; the prompt has {characters}",
+                           param=param, code="context_length_exceeded")
         return self._nonempty(data.prompt_ids(prompt, self.tokenizer))
 
     @staticmethod
@@ -256,6 +322,8 @@ class Server:
             self.engine.submit(generations)
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full") from None
+        except ConfigError as e:  # more than the whole queue holds: a 429 would be retried for ever
+            raise APIError(400, str(e), param="n" if body.n > 1 else "prompt", code="too_many_sequences") from None
         except EngineStopped as e:
             raise APIError(503, str(e)) from None
         reply = _Reply(chat, body.model, generations)
@@ -299,6 +367,9 @@ class Server:
                                 "--allow-runtime-adapters (adapters come from under --adapters-dir only)")
 
     def _check_name(self, name: str) -> None:
+        if not ADAPTER_NAME.fullmatch(name):
+            raise APIError(400, f"{name!r} is not an adapter name: letters, digits, '.', '_' and '-', in parts joined "
+                                "by '/', each starting with a letter or digit", param="name")
         if name == self.base_name:
             raise APIError(400, f"{name!r} is the base model's name; give the adapter another", param="name")
         if name in self.store.paths:
@@ -307,21 +378,34 @@ class Server:
 
     async def _load(self, name: str, path: str) -> dict:
         self._check_name(name)
-        directory = (self.adapters_dir / path).resolve()
-        if not directory.is_relative_to(self.adapters_dir):
-            raise APIError(403, f"{path!r} is outside the adapters directory {self.adapters_dir}", param="path")
-        if not (directory / SAFETENSORS).is_file():
-            raise APIError(400, f"{path!r} holds no {SAFETENSORS} (only safetensors adapters are loaded at run "
-                                "time)", param="path")
+        directory = self._adapter_directory(path)
         try:
-            # its prompt format is known before any request can name it
-            self.formats[name] = data.read_prompt_format(directory)
-            await asyncio.wrap_future(self.engine.call(lambda: self.store.add(name, directory,
-                                                                              self.engine.busy_adapters())))
+            await asyncio.wrap_future(self.engine.call(lambda: self._serve(name, directory,
+                                                                           self.engine.busy_adapters())))
         except LorakitError as e:
-            self.formats.pop(name, None)
-            raise APIError(400, f"cannot load {path!r}: {e}", param="path") from None
+            # the error names the files under --adapters-dir: as the client knows them, not where they are here
+            shown = str(e).replace(str(directory), str(directory.relative_to(self.adapters_dir)))
+            raise APIError(400, f"cannot load {path!r}: {shown}", param="path") from None
         return self._card(name)
+
+    def _adapter_directory(self, path: str) -> Path:
+        """The adapter directory ``path`` names under --adapters-dir: a 4xx naming ``path`` as given (never a path of
+        the server's) where it or a file read from it (through a link) lies outside, or holds no safetensors."""
+        try:
+            directory = (self.adapters_dir / path).resolve()
+            if not directory.is_relative_to(self.adapters_dir):
+                raise APIError(403, f"{path!r} is outside --adapters-dir", param="path")
+            outside = [name for name in (CONFIG_NAME, WEIGHTS_NAME, data.PROMPT_FILE)
+                       if not (directory / name).resolve().is_relative_to(self.adapters_dir)]
+            if outside:
+                raise APIError(403, f"{path!r}: {', '.join(outside)} links to outside --adapters-dir", param="path")
+            if not (directory / WEIGHTS_NAME).is_file():
+                raise APIError(400, f"{path!r} holds no {WEIGHTS_NAME} (only safetensors adapters are loaded at "
+                                    "run time)", param="path")
+        except (OSError, ValueError) as e:  # a NUL byte; a name longer than the file system takes
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise APIError(400, f"{path!r} is not a usable path ({reason})", param="path") from None
+        return directory
 
     async def _unload(self, name: str) -> None:
         if name not in self.store.paths or name in self.unloading:

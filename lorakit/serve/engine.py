@@ -32,7 +32,9 @@ from typing import Callable
 import torch
 
 import lorakit as lk
+from lorakit.adapt import attach
 from lorakit.errors import AdapterNotFoundError, ConfigError, LorakitError
+from lorakit.layers import adapted_layers
 from lorakit.trained import trained_modules
 
 # A prefill row holds prompts end to end up to this many tokens (or one longer prompt). Its attention costs
@@ -231,9 +233,11 @@ class Adapters:
     """The adapters the engine serves, by name, and which of them are on the model (least recently used last).
 
     A served name maps to an internal one (``a0``, ``a1``, ...) on the model, so any name a client uses (with
-    dots or slashes) is fine. At most ``max_loaded`` are on the model; the least recently used one that no
-    running request uses is deleted to make room, and loaded again when asked for. Used by the engine's
-    thread only.
+    dots or slashes) is fine. An adapter's files are read once, when it is added. At most ``max_loaded`` are on
+    the model; the least recently used one that no running request uses is taken off to make room, its modules
+    kept in host memory (as vLLM keeps evicted LoRAs in its CPU cache), and put back when asked for: a name means
+    the tensors first read for as long as it is served, a file replaced or corrupted later changes nothing, and
+    no request waits on the disk. Used by the engine's thread only.
     """
 
     def __init__(self, model, max_loaded: int):
@@ -242,6 +246,9 @@ class Adapters:
         self.model, self.max_loaded = model, max_loaded
         self.paths: dict[str, Path] = {}
         self.internal: dict[str, str] = {}
+        # off the model, on the CPU: by name, ({layer path: (recipe, adapter)}, {path: its train= copy})
+        self.evicted: dict[str, tuple[dict[str, tuple], dict[str, torch.nn.Module]]] = {}
+        self.device = next(model.parameters()).device
         self.resident: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.with_copies: set[str] = set()  # internal names of loaded adapters with train= copies (routed per row)
         self.loads = 0
@@ -266,7 +273,7 @@ class Adapters:
             raise AdapterNotFoundError(f"no adapter named {name!r} is served")
         if name in self.resident:
             self._evict(name)
-        del self.paths[name], self.internal[name]
+        del self.paths[name], self.internal[name], self.evicted[name]
 
     def ensure(self, name: str, busy: set[str]) -> bool:
         """Whether ``name`` is on the model, loading it (evicting an idle one) if needed; False when every
@@ -286,14 +293,29 @@ class Adapters:
 
     def _load(self, name: str) -> None:
         internal = self.internal[name]
-        lk.load(self.model, self.paths[name], name=internal)
+        if name in self.evicted:  # back from host memory: the modules first loaded, never the files again
+            built, copies = self.evicted[name]
+            attach(self.model, internal, {path: (recipe, adapter.to(self.device))
+                                          for path, (recipe, adapter) in built.items()},
+                   {path: copy.to(self.device) for path, copy in copies.items()})
+            del self.evicted[name]
+        else:
+            lk.load(self.model, self.paths[name], name=internal)
         if any(internal in module.adapters for _, module in trained_modules(self.model)):
             self.with_copies.add(internal)
         self.loads += 1
 
     def _evict(self, name: str) -> None:
-        lk.delete(self.model, self.internal[name])
-        self.with_copies.discard(self.internal[name])
+        internal = self.internal[name]
+        built = {path: (layer.recipes[internal], layer.adapters[internal])
+                 for path, layer in adapted_layers(self.model) if internal in layer.adapters}
+        copies = {path: module.adapters[internal] for path, module in trained_modules(self.model)
+                  if internal in module.adapters}
+        lk.delete(self.model, internal)
+        # kept off the accelerator, where the room was wanted
+        self.evicted[name] = ({path: (recipe, adapter.to("cpu")) for path, (recipe, adapter) in built.items()},
+                              {path: copy.to("cpu") for path, copy in copies.items()})
+        self.with_copies.discard(internal)
         self.resident.pop(name, None)
 
 
@@ -344,10 +366,14 @@ class Engine:
             self._thread.join()
 
     def submit(self, generations: list[Generation]) -> None:
-        """Queue ``generations`` (one request's choices, admitted together); QueueFull past ``max_queue``."""
+        """Queue ``generations`` (one request's choices, admitted together); QueueFull past ``max_queue``, ConfigError
+        for more than the queue can ever hold (waiting cannot help it)."""
         with self._wake:
             if not self.alive():
                 raise EngineStopped("the server is not running (shutting down)")
+            if len(generations) > self.max_queue:
+                raise ConfigError(f"the request asks for {len(generations)} sequences (prompts × n), more than the "
+                                  f"server ever queues (--max-queue {self.max_queue}); send it in smaller parts")
             if len(self.waiting) + len(generations) > self.max_queue:
                 raise QueueFull(f"the server is at capacity: {len(self.waiting)} requests are waiting "
                                 f"(--max-queue {self.max_queue}); retry later")

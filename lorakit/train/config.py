@@ -186,8 +186,12 @@ class ServeConfig(ModelConfig):
                           "default: $LORAKIT_API_KEY, else none")
     max_batch: int = option(64, "requests decoded together in one forward (the running batch)")
     max_loaded_adapters: int = option(16, "adapters kept on the model; the least recently used idle one is "
-                                      "unloaded for another and reloaded on demand")
-    max_queue: int = option(256, "requests waiting for a place in the batch; more are answered 429")
+                                      "unloaded for another and attached again on demand from host memory (each "
+                                      "adapter's files are read once)")
+    max_queue: int = option(256, "requests waiting for a place in the batch; more are answered 429 (a request of "
+                            "more sequences than this, 400)")
+    max_body_bytes: int = option(4 * 2 ** 20, "largest request body taken, in bytes; a larger one is answered 413 "
+                                 "before it is read")
     allow_runtime_adapters: bool = option(False, "allow POST /v1/adapters and DELETE /v1/adapters/NAME (loads "
                                           "from under --adapters-dir only)")
 
