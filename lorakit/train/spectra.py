@@ -285,8 +285,8 @@ def advice(config, log=print) -> dict[str, int]:
     if config.from_adapter:
         import lorakit as lk
 
-        model, _ = models.load(config.model, log=lambda m: print(m, file=sys.stderr),
-                               device=models.resolve_device(config.device))
+        model = models.load_weights(config.model, log=lambda m: print(m, file=sys.stderr),
+                                    device=models.resolve_device(config.device))
         lk.load(model, config.from_adapter)
         values, costs = analysis.update_energies(model, "default")
         scales = {path: float(factors[2]) if (factors := layer.adapters["default"].factors()) is not None
