@@ -130,22 +130,26 @@ def test_data_formats_and_line_numbered_errors(tmp_path):
         data.read(tmp_path / "bad.csv")
 
 
-def test_a_validation_split_is_carved_off_the_data(tiny_dir, tmp_path):
+def test_test_and_validation_splits_are_carved_off_the_data(tiny_dir, tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(20)))
-    settings = dict(data=str(path), val_fraction=0.25, max_length=64)
-    train, evaluation, validation, _ = datasets(cfg.FinetuneConfig(**settings), tokenizer)
-    held_out = {p for p, _ in evaluation}
-    assert len(evaluation) == len(validation.examples) == 5 and len(train.examples) == 15
-    trained = {tokenizer.decode([t for t, label in zip(e["input_ids"], e["labels"]) if label == data.IGNORE])
-               for e in train.examples}
-    assert len(trained) == 15 and not trained & held_out  # every prompt on one side only
-    assert {p for p, _ in datasets(cfg.FinetuneConfig(**settings), tokenizer)[1]} == held_out  # seeded
+    settings = dict(data=str(path), test_fraction=0.25, val_fraction=0.2, max_length=64)
+    made = datasets(cfg.FinetuneConfig(**settings), tokenizer)
+    held_out = {p for p, _ in made.evaluation}
+
+    def prompts(tokenized):
+        return {tokenizer.decode([t for t, label in zip(e["input_ids"], e["labels"]) if label == data.IGNORE])
+                for e in tokenized.examples}
+
+    trained, validated = prompts(made.train), prompts(made.validation)
+    assert (len(held_out), len(validated), len(trained)) == (5, 3, 12)  # 20 - 5 test; a fifth of 15 validates
+    assert not trained & held_out and not validated & held_out and not trained & validated  # each on one side only
+    assert {p for p, _ in datasets(cfg.FinetuneConfig(**settings), tokenizer).evaluation} == held_out  # seeded
     given = datasets(cfg.FinetuneConfig(**settings, eval_data=str(path)), tokenizer)
-    assert len(given[0].examples) == 20 and len(given[1]) == 20  # --eval-data given: nothing is carved off
+    assert len(given.evaluation) == 20 and len(given.train.examples) == 16  # --eval-data given: no test carved off
 
 
 def test_loss_masks_the_prompt_and_counts_truncation(tiny_dir):
