@@ -12,6 +12,7 @@ per field of its recipe (``lorakit.registry.options``: type, choices, default, a
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,7 +32,8 @@ def _add_fields(parser: argparse.ArgumentParser, config_cls) -> None:
     for f in cfg.fields(config_cls):
         default = cfg.default_of(f)
         flags = ("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()))
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        # argparse reads help as a %-format; a field's help is plain text ("3.5% to 100%")
+        help_text = f"{f.metadata.get('help', '').replace('%', '%%')} (default: {default!r})"
         if f.name == "method":
             help_text = f"{f.metadata['help']}: {', '.join(registry.names())} (default: {default!r})"
         if f.metadata.get("positional"):
@@ -125,14 +127,19 @@ def _ensure_packages(packages) -> None:
 
 
 def cmd_finetune(config: cfg.FinetuneConfig) -> int:
-    from lorakit.train.trainer import finetune
+    from lorakit.train.trainer import Terminated, finetune
 
-    s = finetune(config, log=lambda m: print(m, flush=True))
+    try:
+        s = finetune(config, log=lambda m: print(m, flush=True))
+    except Terminated:  # checkpoint saved; a Ctrl-C goes on to main, 130
+        return 143  # 128 + SIGTERM: what a shell reports of a process that signal ended
+    if s.get("diverged"):
+        print(f"warning: {s['diverged']}")  # said at the step too, but long scrolled away by the end
     if s.get("accuracy_after") is None:
         return 0
     before = "n/a" if s["accuracy_before"] is None else f"{s['accuracy_before']:.1f}%"
     print(f"report: {config.out}/report.md  adapter: {s['adapter']}")
-    print(f"accuracy: {before} -> {s['accuracy_after']:.1f}% (task {s['task']}, {s['eval_examples']} eval examples)")
+    print(f"accuracy: {before} -> {s['accuracy_after']:.1f}% ({s['test']})")
     return 0
 
 
@@ -140,14 +147,18 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _model_with_adapter(config):
+def _model_with_adapter(config, tokenizer: bool = True):
     """(model on --device in eval mode, tokenizer, prompt format) with --adapter loaded if given; the prompt
-    format is the one the adapter was trained on, None where unknown (no adapter, or one trained elsewhere)."""
+    format is the one the adapter was trained on, None where unknown (no adapter, or one trained elsewhere).
+    Without ``tokenizer`` (weight analysis) the tokenizer is None, and a model directory needs none."""
     import lorakit as lk
     from lorakit.train import data, models
 
-    model, tokenizer = models.load(config.model, log=lambda m: print(m, file=sys.stderr),
-                                   device=models.resolve_device(config.device))
+    device = models.resolve_device(config.device)
+    if tokenizer:
+        model, tokenizer = models.load(config.model, log=_say, device=device)
+    else:
+        model, tokenizer = models.load_weights(config.model, log=_say, device=device), None
     if not config.adapter:
         return model, tokenizer, None
     lk.load(model, config.adapter)
@@ -155,27 +166,40 @@ def _model_with_adapter(config):
 
 
 def cmd_eval(config: cfg.EvalConfig) -> int:
-    from lorakit.train.trainer import accuracy, evaluation_pairs, merge_for_inference, split_records
+    from lorakit.train.trainer import accuracy, eval_records, evaluation_pairs, group_table, per_group, scored_source
 
+    if config.data and config.eval_data and Path(config.data).resolve() != Path(config.eval_data).resolve():
+        _say(f"lorakit eval: scoring --eval-data {config.eval_data}; --data {config.data} is not scored")
+    records, source = eval_records(config)  # before the model loads: a bad file fails fast
     model, tokenizer, prompt_format = _model_with_adapter(config)
-    merge_for_inference(model, _say)  # inference only: the base's speed
-    _, held_out = split_records(config, train_examples=0)  # the held-out split does not depend on it
-    evaluation = evaluation_pairs(held_out, prompt_format, config.eval_examples)
-    score, _ = accuracy(model, tokenizer, evaluation, config)
-    task = config.data or config.task
-    print(f"accuracy: {score:.1f}% (task {task}, {len(evaluation)} eval examples)")
+    evaluation, groups = evaluation_pairs(records, prompt_format, config.group_by)
+    if not evaluation:
+        raise cfg.ConfigError(f"{source}: nothing to score: text records have no answer to match (exact match takes "
+                              "prompt/completion or messages records)")
+    score, rows = accuracy(model, tokenizer, evaluation, config, groups)
+    if groups:
+        print(group_table(per_group(rows), config.group_by or "task"))
+    print(f"accuracy: {score:.1f}% ({scored_source(source, len(records), len(evaluation))})")
     return 0
 
 
 def cmd_generate(config: cfg.ChatConfig) -> int:
     from lorakit.train.data import in_format
-    from lorakit.train.trainer import generate, merge_for_inference
+    from lorakit.train.trainer import generate
 
-    model, tokenizer, prompt_format = _model_with_adapter(config)
-    merge_for_inference(model, _say)
-    prompt_format = prompt_format or "chat"  # asked as the adapter was trained; unknown: a chat model
+    model, tokenizer, recorded = _model_with_adapter(config)
+    prompt_format = _asked_format(config, recorded)
+
+    def answer(prompt) -> str:
+        text = generate(model, tokenizer, [in_format(prompt, prompt_format)], config.max_new_tokens, 1)[0]
+        if not text.strip():
+            _say("lorakit generate: the answer is empty (the model ended at once); an adapter asked in another "
+                 "prompt format than it was trained on often does that: see --prompt-format")
+        return text
+
     if config.prompt:
-        print(generate(model, tokenizer, [in_format(config.prompt, prompt_format)], config.max_new_tokens, 1)[0])
+        _check_markup(config.prompt, tokenizer, prompt_format, recorded)
+        print(answer(config.prompt))
         return 0
     raw = prompt_format == "raw"
     history: list[dict] = []
@@ -185,14 +209,44 @@ def cmd_generate(config: cfg.ChatConfig) -> int:
     for line in sys.stdin:
         if not line.strip():
             break
+        _check_markup(line, tokenizer, prompt_format, recorded)
         if raw:
-            print(generate(model, tokenizer, [line.rstrip("\n")], config.max_new_tokens, 1)[0], flush=True)
+            print(answer(line.rstrip("\n")), flush=True)
             continue
         history.append({"role": "user", "content": line.strip()})
-        answer = generate(model, tokenizer, [history], config.max_new_tokens, 1)[0]
-        history.append({"role": "assistant", "content": answer})
-        print(answer, flush=True)
+        history.append({"role": "assistant", "content": answer(history)})
+        print(history[-1]["content"], flush=True)
     return 0
+
+
+def _asked_format(config: cfg.ChatConfig, recorded):
+    """The prompt format ``lorakit generate`` asks in: --prompt-format, else the one the adapter records
+    (``recorded``), else chat; said on stderr where it is not the adapter's own, or the adapter records none."""
+    from lorakit.train.data import PROMPT_FILE, PromptFormat, format_mismatch
+
+    if config.prompt_format == "auto":
+        if config.adapter and recorded is None:
+            _say(f"lorakit generate: {config.adapter} records no prompt format ({PROMPT_FILE}), so it is asked through "
+                 "the chat template; --prompt-format raw asks with the text as it is")
+        return recorded or PromptFormat("chat")
+    if warning := format_mismatch(config.prompt_format, recorded):
+        _say(f"lorakit generate: warning: {warning}; --prompt-format auto asks as it was trained")
+    return recorded if recorded == config.prompt_format else PromptFormat(config.prompt_format)
+
+
+def _check_markup(text: str, tokenizer, prompt_format: str, recorded) -> None:
+    """Warn on stderr where ``text`` holds chat-template markup: a prompt rendered already, which the chat template
+    would wrap again, or which an adapter trained on raw prompts never saw."""
+    from lorakit.train.data import format_mismatch, markup_in
+
+    token = markup_in(text, tokenizer)
+    if token is None:
+        return
+    if prompt_format == "chat":
+        _say(f"lorakit generate: warning: the prompt holds chat-template markup ({token}) and goes through the chat "
+             "template again; give the message alone, or --prompt-format raw to send the text as it is")
+    elif warning := format_mismatch("chat", recorded):
+        _say(f"lorakit generate: warning: the prompt holds chat-template markup ({token}): {warning}")
 
 
 def cmd_merge(config: cfg.MergeConfig) -> int:
@@ -223,6 +277,7 @@ def cmd_serve(config: cfg.ServeConfig) -> int:
     import uvicorn
 
     from lorakit.serve.app import Server, discover
+    from lorakit.serve.threads import threads_for
     from lorakit.train import models
 
     pairs = {}
@@ -233,12 +288,14 @@ def cmd_serve(config: cfg.ServeConfig) -> int:
         if name in pairs:
             raise cfg.ConfigError(f"--adapter: the name {name!r} is given twice")
         pairs[name] = directory
-    model, tokenizer = models.load(config.model, log=_say, device=models.resolve_device(config.device))
+    device = models.resolve_device(config.device)
+    threads = threads_for(config.threads, device)  # a bad --threads is refused before the model loads
+    model, tokenizer = models.load(config.model, log=_say, device=device)
     base = config.served_model_name or (Path(config.model).resolve().name if config.model else models.DEFAULT_MODEL)
     server = Server(model, tokenizer, base, pairs, api_key=config.api_key or os.environ.get("LORAKIT_API_KEY"),
                     adapters_dir=config.adapters_dir, allow_runtime_adapters=config.allow_runtime_adapters,
                     max_batch=config.max_batch, max_loaded_adapters=config.max_loaded_adapters,
-                    max_queue=config.max_queue)
+                    max_queue=config.max_queue, max_body_bytes=config.max_body_bytes, threads=threads)
     if not pairs:  # found, not asked for: one that does not fit this model (another model's run) is skipped
         for name, directory in discover(config.adapters_dir).items():
             try:
@@ -319,7 +376,7 @@ def cmd_spectrum(config: cfg.SpectrumConfig) -> int:
     from lorakit.train import models
     from lorakit.train.spectra import spectrum_report
 
-    model, _ = models.load(config.model, log=_say, device=models.resolve_device(config.device))
+    model = models.load_weights(config.model, log=_say, device=models.resolve_device(config.device))
     spectrum_report(model, config)
     return 0
 
@@ -327,7 +384,7 @@ def cmd_spectrum(config: cfg.SpectrumConfig) -> int:
 def cmd_inspect(config: cfg.InspectConfig) -> int:
     from lorakit.train.spectra import inspect_report
 
-    model, _, _ = _model_with_adapter(config)
+    model, _, _ = _model_with_adapter(config, tokenizer=False)
     inspect_report(model, "default", config)
     return 0
 
@@ -344,7 +401,7 @@ def cmd_resize(config: cfg.ResizeConfig) -> int:
         raise cfg.ConfigError("lorakit resize needs --out DIR (the resized adapter is written there)")
     if bool(config.rank) == bool(config.energy):
         raise cfg.ConfigError("lorakit resize takes --rank R or --energy E (one of them)")
-    model, _, _ = _model_with_adapter(config)
+    model, _, _ = _model_with_adapter(config, tokenizer=False)
     before = sum(p.numel() for p in lk.trainable_parameters(model))
     report = resize(model, "default", rank=config.rank or None, energy=config.energy or None)
     after = sum(p.numel() for p in lk.trainable_parameters(model))
@@ -440,18 +497,51 @@ COMMANDS: dict[str, tuple[type, Callable, str, bool]] = {
 def parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The ``lorakit`` parser. A command that builds a method has the options of the method ``argv`` picks for
     it (``chosen_method``: a ConfigError for an unknown one), the default method's for the others."""
-    top = argparse.ArgumentParser(prog="lorakit", description="LoRA and its SVD-based successors: fine-tune, "
-                                  "evaluate, chat, merge, count. `lorakit COMMAND --help` explains every option.")
+    top = _Parser(prog="lorakit", description="LoRA and its SVD-based successors: fine-tune, "
+                  "evaluate, chat, merge, count. `lorakit COMMAND --help` explains every option.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     given = list(argv)
     for name, (config_cls, _, help_text, _) in COMMANDS.items():
         # No abbreviated flags: the options differ by method, so a prefix could mean another flag per method.
         command = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         _add_fields(command, config_cls)
+        method = None
         if cfg.takes_method(config_cls):
             method = chosen_method(config_cls, given[1:] if given[:1] == [name] else [])
             _add_method_options(command, name, config_cls, method)
+        top.commands[name] = (command, method)
     return top
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose unrecognized flags are refused by the command's own parser (its usage, not the top
+    one's), with the flags of that command close to each (``--step``: ``--steps``), or the methods whose setting
+    it is."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, tuple[argparse.ArgumentParser, str | None]] = {}  # name: (parser, method)
+
+    def parse_args(self, args=None, namespace=None):
+        known, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command, method = self.commands[known.command]
+            command.error(f"unrecognized arguments: {' '.join(unknown)}{_suggestions(command, unknown, method)}")
+        return known
+
+
+def _suggestions(command: argparse.ArgumentParser, unknown: list[str], method: str | None) -> str:
+    """For each flag of ``unknown`` the flags of ``command`` it is close to (it begins one, or difflib finds them
+    alike), else the registered methods other than ``method`` that have it as a setting; "" where there are none."""
+    flags = sorted(f for f in command._option_string_actions if f.startswith("--"))
+    said = []
+    for given in dict.fromkeys(u.partition("=")[0] for u in unknown if u.startswith("--")):
+        close = [f for f in flags if f.startswith(given)] or difflib.get_close_matches(given, flags, n=3, cutoff=0.6)
+        if close:
+            said.append(f"{given}: did you mean {' or '.join(close[:3])}?")
+        elif method and (elsewhere := cfg._elsewhere([given[2:].replace("-", "_")], method)):
+            said.append(elsewhere.strip(" ()"))
+    return f" ({'; '.join(said)})" if said else ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,16 +197,16 @@ def test_directories_of_cut_off_saves_are_removed_on_the_next_start(tiny_dir, tm
 # --- 11: one prompt format end to end --------------------------------------------------------------
 @pytest.fixture
 def model_inputs(monkeypatch):
-    """The input ids each ``generate`` call of the model received, one list per row, padding removed."""
-    from transformers import LlamaForCausalLM
+    """The prompt ids of each sequence the generation engine was given."""
+    from lorakit.serve.engine import Engine
 
-    seen, real = [], LlamaForCausalLM.generate
+    seen, real = [], Engine.complete
 
-    def recording(self, input_ids, attention_mask, **kwargs):
-        seen.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask))
-        return real(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    def recording(self, generations):
+        seen.extend(g.prompt_ids for g in generations)
+        return real(self, generations)
 
-    monkeypatch.setattr(LlamaForCausalLM, "generate", recording)
+    monkeypatch.setattr(Engine, "complete", recording)
     return seen
 
 
@@ -452,29 +452,6 @@ def test_the_fsdp_refusal_is_for_any_method_with_a_step_schedule(monkeypatch):
     config = cfg.FinetuneConfig(method="adalora", strategy="fsdp", device="cpu")
     with pytest.raises(lk.ConfigError, match="--method adalora runs a schedule after each step .*--strategy ddp"):
         trainer._distributed(config)
-
-
-def test_merging_refused_for_a_tied_weight_is_said_and_other_merge_errors_propagate(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    from lorakit.train import trainer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    model.lm_head.weight = model.model.embed_tokens.weight  # tied
-    lk.adapt(model, lk.LoRA(rank=2), ["embed_tokens"])
-    said = []
-    trainer.merge_for_inference(model, said.append)
-    assert len(said) == 1 and "running unmerged" in said[0] and "lm_head.weight" in said[0]
-    assert not any(layer.merged for _, layer in lk.model.adapted_layers(model))
-    model = lk.adapt(AutoModelForCausalLM.from_pretrained(tiny_dir), lk.LoRA(rank=2), ["q_proj"])
-    with torch.no_grad():
-        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
-    with pytest.raises(lk.MergeError, match="NaN/Inf"):
-        trainer.merge_for_inference(model, said.append)
-    assert len(said) == 1
-    model = lk.adapt(AutoModelForCausalLM.from_pretrained(tiny_dir), lk.LoRA(rank=2), ["q_proj"])
-    trainer.merge_for_inference(model, said.append)
-    assert all(layer.merged for _, layer in lk.model.adapted_layers(model)) and len(said) == 1
 
 
 def test_the_metrics_file_is_closed_when_the_loop_raises(tiny_dir, tmp_path, monkeypatch):

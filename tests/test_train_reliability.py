@@ -261,6 +261,7 @@ def test_a_diverging_run_is_warned_once_recorded_and_said_again_at_the_end(tiny_
     said = [i for i, line in enumerate(printed) if line == warned[0]]
     assert said[1] > said[0] + 1 and printed[said[1] + 1].startswith("report: ")  # said again after the run
     assert [(r["step"], r["diverged"]) for r in _rows(run) if "diverged" in r] == [(6, warned[0][len("warning: "):])]
+    assert f"| warning | {warned[0][len('warning: '):]} |" in (run / "report.md").read_text()
     assert not any("diverged" in r for r in _rows(straight))  # a run that learns is not warned
 
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import re
 import socket
 import threading
@@ -31,8 +32,10 @@ from lorakit.serve.api import (APIError, ChatRequest, CompletionRequest, LoadAda
                                VLLMUnloadRequest, parse)
 from lorakit.serve.engine import Adapters, Engine, EngineStopped, Generation, QueueFull, Sampling
 from lorakit.serve.metrics import Metrics
+from lorakit.serve.threads import Threads
 from lorakit.train import data
 
+MISMATCH_HEADER = "X-Lorakit-Prompt-Format-Mismatch"  # a request not in the adapter's prompt format: what was done
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_BODY_BYTES = 4 * 2 ** 20
 # Parts of letters, digits, '.', '_' and '-', each starting with a letter or digit, joined by '/' ("org/name"):
@@ -49,7 +52,7 @@ class Server:
     def __init__(self, model, tokenizer, base_name: str, adapters: dict[str, Path] | None = None, *,
                  api_key: str | None = None, adapters_dir: str | Path | None = None,
                  allow_runtime_adapters: bool = False, max_batch: int = 64, max_loaded_adapters: int = 16,
-                 max_queue: int = 256, max_body_bytes: int = MAX_BODY_BYTES):
+                 max_queue: int = 256, max_body_bytes: int = MAX_BODY_BYTES, threads: Threads | None = None):
         if max_body_bytes < 1:
             raise ConfigError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
         self.tokenizer, self.base_name = tokenizer, base_name
@@ -60,12 +63,13 @@ class Server:
         self.metrics = Metrics()
         self.store = Adapters(model, max_loaded_adapters)
         self.formats: dict[str, str | None] = {}
+        self.mismatches_logged: set[tuple[str, bool]] = set()  # (adapter, chat): each logged once, not per request
         self.unloading: set[str] = set()
         self.created = int(time.time())
         for name, path in (adapters or {}).items():
             self.add(name, path)
         self.engine = Engine(model, tokenizer, self.store, max_batch=max_batch, max_queue=max_queue,
-                             metrics=self.metrics)
+                             metrics=self.metrics, threads=threads)
         # Each token stands for at most this many characters of text (a byte-level BPE token's string has one
         # character per byte, and a text has no more characters than bytes), so a longer text cannot fit the
         # context: it is refused without being tokenised.
@@ -163,7 +167,8 @@ class Server:
             adapter = self._adapter_of(body.model)
             prompts = await self._off_loop(self._completion_prompts, body.prompt)
             max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
-            return await self._generate(request, body, adapter, prompts, max_tokens, chat=False)
+            return _noted(await self._generate(request, body, adapter, prompts, max_tokens, chat=False),
+                          self._format_mismatch(adapter, False, body.prompt))
 
         @app.post("/v1/chat/completions")
         async def chat_completions(request: Request):
@@ -171,8 +176,9 @@ class Server:
             body = parse(ChatRequest, await self._body(request))
             adapter = self._adapter_of(body.model)
             ids = await self._off_loop(self._chat_prompt, body.conversation(), adapter)
-            return await self._generate(request, body, adapter, [ids], body.max_completion_tokens or body.max_tokens,
-                                        chat=True)
+            return _noted(await self._generate(request, body, adapter, [ids],
+                                               body.max_completion_tokens or body.max_tokens, chat=True),
+                          self._format_mismatch(adapter, True))
 
         @app.post("/v1/adapters")
         async def load_adapter(request: Request):
@@ -269,9 +275,30 @@ class Server:
             return [self._nonempty(list(r)) for r in rows]
         return [self._prompt_ids(t, "prompt") for t in texts]
 
+    def _format_mismatch(self, adapter: str | None, chat: bool, prompt=None) -> str | None:
+        """What ``MISMATCH_HEADER`` says where a chat request, or a completion's ``prompt`` (its texts: raw, or
+        holding chat-template markup; token ids are not judged), goes to an adapter trained on the other prompt
+        format; logged as a warning once per adapter and endpoint. None where the formats agree or are unknown."""
+        recorded = self.formats.get(adapter) if adapter else None
+        if recorded is None:
+            return None
+        if chat:
+            note = None if recorded == "chat" else ("a chat request to an adapter trained on raw prompt text: its "
+                                                    "user message was sent as that text, without the chat template")
+        else:
+            texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
+            marked = any(data.markup_in(t, self.tokenizer) for t in texts)
+            note = data.format_mismatch("chat" if marked else "raw", recorded) if texts else None
+        if note and (adapter, chat) not in self.mismatches_logged:
+            self.mismatches_logged.add((adapter, chat))
+            logging.getLogger("lorakit.serve").warning("lorakit serve: %s: %s", adapter, note)
+        return note
+
     def _chat_prompt(self, conversation: list[dict], adapter: str | None) -> list[int]:
         prompt_format = (self.formats.get(adapter) if adapter else None) or "chat"
-        if prompt_format == "chat" and not getattr(self.tokenizer, "chat_template", None):
+        # an adapter trained with --chat-template brings its own
+        own = getattr(prompt_format, "chat_template", None)
+        if prompt_format == "chat" and not (own or getattr(self.tokenizer, "chat_template", None)):
             raise APIError(400, f"{self.base_name} has no chat template; use /v1/completions", param="messages")
         try:
             prompt = data.in_format(conversation, prompt_format)
@@ -503,6 +530,16 @@ def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int):
         except RuntimeError:  # the event loop has closed (the server is stopping): nobody is listening
             pass
     return put
+
+
+def _noted(response, note: str | None):
+    """``response`` (a Response, or the dict FastAPI would send as JSON) with ``note`` in ``MISMATCH_HEADER``."""
+    if note is None:
+        return response
+    if not isinstance(response, Response):
+        response = JSONResponse(response)
+    response.headers[MISMATCH_HEADER] = note
+    return response
 
 
 def _sse(chunk: dict) -> str:

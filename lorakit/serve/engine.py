@@ -11,9 +11,12 @@ last token in one forward, row i routed through request i's adapter by ``lk.rout
 steps while the adapters do not change). Finished requests leave the batch at once.
 
 A row computes from its own tokens, KV and adapter only: what other rows share its forwards changes
-nothing but the summation order inside batched matmuls (about 1e-7 relative in float32). A greedy answer
-is the same alone, in any mixed batch, and from ``lorakit generate`` with its adapter
-(tests/test_serve.py checks all three, and tests/test_e2e.py on the embedded model).
+nothing but the summation order inside batched matmuls (MKL's sgemm gives a row other low bits at another
+row count), about 1e-6 of a logit. That could still flip a greedy choice between two nearly equal logits, so
+such a choice is made by a forward of the request alone (``Engine._alone``), a function of its tokens and
+adapter only. A greedy answer is thus the same alone, in any mixed batch, and from ``lorakit generate``,
+``lorakit eval`` and finetune's evaluation, which decode through this engine too (``Engine.complete``;
+tests/test_serve.py, and tests/test_greedy_paths.py on the embedded model).
 """
 
 from __future__ import annotations
@@ -35,11 +38,16 @@ import lorakit as lk
 from lorakit.adapt import attach
 from lorakit.errors import AdapterNotFoundError, ConfigError, LorakitError
 from lorakit.layers import adapted_layers
+from lorakit.serve.threads import Threads
 from lorakit.trained import trained_modules
 
 # A prefill row holds prompts end to end up to this many tokens (or one longer prompt). Its attention costs
 # width² however the prompts split it, so wider rows would spend more on masked-out scores than they save.
 PACK_WIDTH = 256
+# Two greedy candidates closer than this (relative to the larger logit) are told apart by a forward of the request
+# alone (Engine._alone). The batch's summation order moves float32 logits by about 1e-6 of their size (measured
+# on the embedded model: BENCHMARKS.md); this leaves a margin of hundreds above it.
+TIE_TOLERANCE = 1e-3
 
 
 class QueueFull(LorakitError):
@@ -267,6 +275,14 @@ class Adapters:
             del self.paths[name], self.internal[name]
             raise
 
+    def attached(self, name: str) -> None:
+        """Serve as ``name`` the adapter already on the model under that name (an in-memory one, as training left
+        it), with no files behind it."""
+        self.paths[name], self.internal[name] = None, name
+        self.resident[name] = None
+        if any(name in module.adapters for _, module in trained_modules(self.model)):
+            self.with_copies.add(name)
+
     def remove(self, name: str) -> None:
         """Stop serving ``name`` (the caller has made sure no running request uses it)."""
         if name not in self.paths:
@@ -326,13 +342,14 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, adapters: Adapters, max_batch: int = 64, max_queue: int = 256,
-                 metrics=None, prefill_tokens: int = 2048):
+                 metrics=None, prefill_tokens: int = 2048, threads: Threads | None = None):
         for flag, value in (("--max-batch", max_batch), ("--max-queue", max_queue)):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.max_batch, self.max_queue, self.metrics = max_batch, max_queue, metrics
         self.prefill_tokens = prefill_tokens
+        self.threads = threads or Threads()  # torch's thread count for the decode steps (none: left as it is)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = next(model.parameters()).device
         attention = getattr(model.config, "_attn_implementation", None) or "eager"
@@ -402,12 +419,7 @@ class Engine:
                     break
             self._run_calls()
             try:
-                with torch.no_grad():
-                    self._drop_cancelled()
-                    self._admit()
-                    self._observe()
-                    if self.running:
-                        self._decode()
+                self._step()
             except Exception as e:  # a bug of ours: fail what is running, keep serving the rest
                 self._fail_running(f"internal error: {type(e).__name__}: {e}")
         self._fail_running("the server is shutting down", 503)
@@ -415,6 +427,25 @@ class Engine:
             waiting, self.waiting = list(self.waiting), collections.deque()
         for g in waiting:
             self._fail(g, "the server is shutting down", 503)
+
+    def _step(self) -> None:
+        """Admit what fits, then one decode step for every running request."""
+        with torch.no_grad():
+            self._drop_cancelled()
+            self._admit()
+            self._observe()
+            if self.running:
+                with self.threads.step(units=len(self.running)):
+                    self._decode()
+
+    def complete(self, generations: list[Generation]) -> None:
+        """Generate ``generations`` to their end in the calling thread, batched exactly as the server batches
+        requests: how ``lorakit eval``, ``generate`` and finetune's evaluations decode, on an engine not started."""
+        if self.alive():
+            raise ConfigError("Engine.complete runs in the caller's thread: the engine must not be started")
+        self.waiting.extend(generations)
+        while self.waiting or self.running:
+            self._step()
 
     def alive(self) -> bool:
         """Whether the engine's thread is running and takes requests."""
@@ -551,12 +582,31 @@ class Engine:
             self._accept(row, tokens[row])
 
     def _choose(self, logits: torch.Tensor, rows: list[Generation]) -> list[int]:
-        """Each row's next token: the argmax, or a sample (temperature, top-p) from the row's own generator."""
+        """Each row's next token: a sample (temperature, top-p) from the row's own generator, or the argmax; an
+        argmax that the batch's summation order could flip (``_near_ties``) is taken from ``_alone``."""
         tokens = logits.argmax(-1).tolist()
+        ties = _near_ties(logits)
         for i, g in enumerate(rows):
             if g.sampling.temperature > 0:
                 tokens[i] = _sample(logits[i].float(), g.sampling, g.generator)
+            elif ties[i]:
+                tokens[i] = self._alone(g)
         return tokens
+
+    def _alone(self, g: Generation) -> int:
+        """The greedy next token of ``g`` from one forward of its whole sequence, by itself, through its adapter
+        alone: a function of that sequence and adapter only, whatever else the engine runs."""
+        model, internal = self.model, self._internal(g)
+        ids = torch.tensor([g.prompt_ids + g.generated], device=self.device)
+        if internal is None:
+            with lk.disabled(model):
+                return int(model(input_ids=ids, logits_to_keep=1).logits[0, -1].argmax())
+        before = lk.active_adapters(model)
+        lk.activate(model, internal)
+        try:
+            return int(model(input_ids=ids, logits_to_keep=1).logits[0, -1].argmax())
+        finally:
+            lk.activate(model, before)
 
     def _accept(self, row: int, token: int) -> None:
         """Give ``token`` to the request in ``row``: send the text it completes, finish it if it is done."""
@@ -654,6 +704,17 @@ def _prefill_groups(generations: list[Generation], budget: int) -> list[list[Gen
                 continue
         groups.append([g])
     return groups
+
+
+def _near_ties(logits: torch.Tensor) -> list[bool]:
+    """Per row, whether its two best logits are closer than ``TIE_TOLERANCE`` (relative to the best).
+
+    Batched matmuls sum in an order that depends on the batch's shape (MKL's sgemm gives a row other bits at
+    other row counts), which moves a logit by about 1e-6 of its size. A greedy choice with a wider margin is the
+    same in any batch; a closer one is decided by ``Engine._alone``.
+    """
+    top = logits.float().topk(2, dim=-1).values
+    return ((top[:, 0] - top[:, 1]) <= TIE_TOLERANCE * top[:, 0].abs().clamp(min=1.0)).tolist()
 
 
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:

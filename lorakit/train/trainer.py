@@ -14,9 +14,15 @@ gloo), so the loss equals a one-process run's. Model, adapters, batches and opti
 ``--device``; bf16 autocasts there.
 
 A checkpoint holds what the last completed step left: weights, optimizer and schedule, position in
-the data, random state. A Ctrl-C in the middle of a step saves the state before it (the random state
-included: the step's dropout draws are discarded with it), and one that lands while a step commits
-waits for the commit, so a run resumed with ``--resume auto`` is the uninterrupted run, bit for bit.
+the data, random state. A Ctrl-C, or a SIGTERM (what schedulers and ``kill`` send), in the middle of a
+step saves the state before it (the random state included: the step's dropout draws are discarded with
+it), and one that lands while a step commits waits for the commit, so a run resumed with ``--resume
+auto`` is the uninterrupted run, bit for bit; the command exits 130 after a Ctrl-C, 143 after a SIGTERM.
+``--resume auto`` with no checkpoint to resume (the first save was cut off) starts a fresh run.
+
+Writes fail early or cleanly: an ``--out`` that cannot be written is refused before the model loads,
+and a checkpoint that cannot be written (a full disk) stops the run with a CheckpointError, the older
+checkpoints kept whole. A run whose loss says it has diverged is warned, once (``diverged``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import resource
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +50,10 @@ import lorakit as lk
 from lorakit.checkpoint import atomic_write, read_tensors, write_tensors
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError
 from lorakit.kinds import numel
+from lorakit.layers import adapted_layers
 from lorakit.methods.base import Method
+from lorakit.serve.engine import Adapters, Engine, Generation, Sampling
+from lorakit.serve.threads import threads_for
 from lorakit.train import data as data_mod
 from lorakit.train import models, tasks
 from lorakit.train.config import FinetuneConfig
@@ -56,7 +66,13 @@ class TrainingError(LorakitError, RuntimeError):
 
 
 class CheckpointError(LorakitError, OSError):
-    """A checkpoint directory is incomplete, or one of its files is truncated or corrupt (the message names it)."""
+    """A checkpoint directory is incomplete, one of its files is truncated or corrupt, or a checkpoint cannot be
+    written (a full disk); the message names it."""
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM stopped the run, as a Ctrl-C does (a checkpoint of the last committed step saved);
+    ``lorakit finetune`` exits 143 (128 + SIGTERM) on it."""
 
 
 def prepare(model, recipe: Method, config, log=print) -> None:
@@ -80,26 +96,137 @@ def targets_of(text: str):
 
 
 # --- data ----------------------------------------------------------------------------------------
-def split_records(config, train_examples: int) -> tuple[list[dict], list[dict]]:
-    """(training records, held-out records) of ``config``: its --data with --eval-data or the share carved
-    off (seeded), or ``train_examples`` of its built-in task and the task's held-out split, as chat messages."""
+class Sources(NamedTuple):
+    """Where each split's records came from, as the output and the report name them."""
+
+    train: str
+    validation: str
+    test: str
+
+
+class Splits(NamedTuple):
+    """A run's records: training, validation (empty: none) and test (the final score), and their sources."""
+
+    train: list[dict]
+    validation: list[dict]
+    test: list[dict]
+    sources: Sources
+
+
+def split_records(config) -> Splits:
+    """The training, validation and test records of a finetune ``config``, as chat messages for a built-in task.
+
+    Training: --data, or --train-examples generated for --task. Test: every record of --eval-data, else a
+    --test-fraction share of --data (seeded), else the task's held-out examples. Validation, only where
+    --val-every measures it: every record of --val-data, else a --val-fraction share of the training records
+    (seeded; for a task, as many more examples generated apart from the rest); never a test record.
+    """
+    validating = bool(config.val_every and (config.val_data or config.val_fraction))
+    validation: list[dict] = []
     if config.data:
-        records = data_mod.read(config.data)
-        if config.eval_data:
-            return records, data_mod.read(config.eval_data)
-        random.Random(config.seed).shuffle(records)
-        cut = max(1, int(len(records) * config.val_fraction))
-        return records[cut:], records[:cut]
-    train, held_out = tasks.split(config.task, train_examples, config.eval_examples, config.seed)
-    return [{"messages": e.messages()} for e in train], [{"messages": e.messages()} for e in held_out]
+        train = data_mod.read(config.data, config.encoding)
+    else:
+        extra = max(1, int(config.train_examples * config.val_fraction)) if validating and not config.val_data else 0
+        made, held_out = tasks.split(config.task, config.train_examples + extra, config.eval_examples, config.seed)
+        train, validation = _as_records(made[:config.train_examples]), _as_records(made[config.train_examples:])
+    if config.eval_data:
+        test, test_source = _file(config.eval_data, config.encoding)
+    elif config.data:
+        train, test = _carve(train, config.test_fraction, config.seed, config.data, "test data",
+                             "--eval-data FILE")
+        test_source = f"{_n(len(test), 'record')} held out of {config.data} (--test-fraction {config.test_fraction:g})"
+    else:
+        test, test_source = _task_test(config.task, held_out)
+    if not validating:
+        val_source = "none (--val-every 0)" if not config.val_every else "none (--val-fraction 0)"
+    elif config.val_data:
+        validation, val_source = _file(config.val_data, config.encoding)
+    elif config.data:
+        train, validation = _carve(train, config.val_fraction, f"{config.seed}:validation", config.data,
+                                   "validation data", "--val-data FILE or --val-fraction 0")
+        val_source = (f"{_n(len(validation), 'record')} held out of the training records "
+                      f"(--val-fraction {config.val_fraction:g})")
+    else:
+        val_source = (f"task {config.task}, {_n(len(validation), 'more generated example')} apart from training "
+                      f"and test (--val-fraction {config.val_fraction:g})")
+    train_source = (f"{_n(len(train), 'record')} from {config.data}" if config.data
+                    else f"task {config.task}, {_n(len(train), 'generated example')}")
+    return Splits(train, validation, test, Sources(train_source, val_source, test_source))
 
 
-def evaluation_pairs(records: list[dict], prompt_format: str | None, limit: int) -> list[tuple]:
-    """(prompt, target) pairs for exact match from held-out ``records`` (text records have none), the prompts
-    in ``prompt_format`` (``data.in_format``; None: each record's own)."""
+def eval_records(config) -> tuple[list[dict], str]:
+    """The records ``lorakit eval`` scores and their source: every record of --eval-data, else of --data, else
+    the built-in task's held-out examples (those ``lorakit finetune`` scores)."""
+    if config.eval_data or config.data:
+        return _file(config.eval_data or config.data, config.encoding)
+    return _task_test(config.task, tasks.split(config.task, 0, config.eval_examples, config.seed)[1])
+
+
+def _file(path: str, encoding: str) -> tuple[list[dict], str]:
+    """Every record of data file ``path``, and their source."""
+    records = data_mod.read(path, encoding)
+    return records, f"{_n(len(records), 'record')} from {path}"
+
+
+def _task_test(task: str, held_out: list[tasks.Example]) -> tuple[list[dict], str]:
+    """The records of ``task``'s ``held_out`` examples, and their source."""
+    return _as_records(held_out), f"task {task}, {_n(len(held_out), 'eval example')}"
+
+
+def _as_records(examples: list[tasks.Example]) -> list[dict]:
+    return [{"messages": e.messages()} for e in examples]
+
+
+def _n(count: int, noun: str) -> str:
+    """``count`` ``noun``: "1 record", "3 records"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _carve(records: list[dict], fraction: float, seed, where: str, what: str, instead: str):
+    """(rest, held out) of ``records``: a ``fraction`` of them, at least one, held out after a shuffle seeded by
+    ``seed``; a ConfigError (naming ``where``, ``what`` and the way out, ``instead``) where none would be left."""
+    if len(records) < 2:
+        raise ConfigError(f"{where}: {len(records)} training record(s) are too few to hold out {what} and train on "
+                          f"the rest; give {instead}")
+    records = list(records)
+    random.Random(seed).shuffle(records)
+    cut = min(max(1, int(len(records) * fraction)), len(records) - 1)
+    return records[cut:], records[:cut]
+
+
+def evaluation_pairs(records: list[dict], prompt_format: str | None,
+                     group_by: str = "") -> tuple[list[tuple], list[str] | None]:
+    """(prompt, target) pairs for exact match from held-out ``records`` (text records have none: left out), the
+    prompts in ``prompt_format`` (``data.in_format``; None: each record's own), and each pair's group: its
+    record's field ``group_by`` (default: ``task``, where the records carry one; None: not grouped). A
+    ``group_by`` that no record has is a ConfigError."""
+    scored = [r for r in records if "text" not in r]
     pairs = [(r["prompt"], r["completion"]) if "prompt" in r else (r["messages"][:-1], r["messages"][-1]["content"])
-             for r in records if "text" not in r][:limit]
-    return pairs if prompt_format is None else [(data_mod.in_format(p, prompt_format), t) for p, t in pairs]
+             for r in scored]
+    if prompt_format is not None:
+        pairs = [(data_mod.in_format(p, prompt_format), t) for p, t in pairs]
+    field = group_by or "task"
+    if not any(field in r.get("fields", {}) for r in scored):
+        if group_by:
+            raise ConfigError(f"--group-by {group_by}: none of the {len(scored)} records scored has a {group_by!r} "
+                              "field")
+        return pairs, None
+    return pairs, [_group_name(r.get("fields", {}), field) for r in scored]
+
+
+def _group_name(fields: dict, field: str) -> str:
+    """A record's group: its ``field``'s value as text (JSON for one that is not a string)."""
+    if field not in fields:
+        return f"(no {field})"
+    value = fields[field]
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def scored_source(source: str, records: int, scored: int) -> str:
+    """A test set's ``source``, saying how many of its ``records`` were ``scored`` where some were not."""
+    if scored == records:
+        return source
+    return f"{source}, {scored} scored ({_n(records - scored, 'text record')} without an answer to match)"
 
 
 class Datasets(NamedTuple):
@@ -107,18 +234,23 @@ class Datasets(NamedTuple):
 
     train: data_mod.Tokenized
     evaluation: list[tuple]  # (prompt, target) for exact match; a prompt is raw text or chat messages
-    validation: data_mod.Tokenized  # held out, for the validation loss
+    validation: data_mod.Tokenized  # apart from training and evaluation, for the validation loss
     prompt_format: str  # "chat" or "raw": how the adapter is to be asked (data.py)
+    groups: list[str] | None  # each evaluation pair's group (--group-by); None: not grouped
+    sources: Sources
 
 
-def datasets(config, tokenizer) -> Datasets:
-    """The training, evaluation and validation data of ``config``, and its prompt format."""
-    train, held_out = split_records(config, config.train_examples)
-    prompt_format = data_mod.prompt_format_of(train, config.data or f"task {config.task}")
-    validation = held_out if config.data else held_out[:64]
-    return Datasets(data_mod.tokenize(train, tokenizer, config.max_length),
-                    evaluation_pairs(held_out, prompt_format, config.eval_examples),
-                    data_mod.tokenize(validation, tokenizer, config.max_length), prompt_format)
+def datasets(config, tokenizer, split: Splits | None = None) -> Datasets:
+    """The training, evaluation and validation data of ``config`` (its ``split``, where read already), its prompt
+    format, groups and sources."""
+    split = split or split_records(config)
+    prompt_format = data_mod.prompt_format_of(split.train, config.data or f"task {config.task}", config.system_prompt,
+                                              config.chat_template)
+    evaluation, groups = evaluation_pairs(split.test, prompt_format, config.group_by)
+    sources = split.sources._replace(test=scored_source(split.sources.test, len(split.test), len(evaluation)))
+    return Datasets(data_mod.tokenize(split.train, tokenizer, config.max_length, prompt_format), evaluation,
+                    data_mod.tokenize(split.validation, tokenizer, config.max_length, prompt_format), prompt_format,
+                    groups, sources)
 
 
 # --- loss and evaluation -------------------------------------------------------------------------
@@ -149,63 +281,105 @@ class CompletionLoss(torch.nn.Module):
         return total / max(len(targets), 1), len(targets)
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers to ``prompts`` (raw text, or chat messages for the chat template), decoded in
-    batches of similar length with the KV cache, on the model's device. Prompts are encoded exactly as
-    training encodes them."""
-    ids = [data_mod.prompt_ids(p, tokenizer) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    answers: list[str] = [""] * len(ids)
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int, desc: str = "") -> list[str]:
+    """Greedy answers to ``prompts`` (raw text, or chat messages for the chat template) through the model's
+    active adapter, or the base when none is active, encoded exactly as training encodes them.
+
+    They are decoded by the server's engine, up to ``batch_size`` at a time: ``lorakit serve``'s answers to
+    the same prompts, token for token, whatever else shares a batch (``Engine._choose``). ``desc``: a progress
+    bar of that name, on a terminal."""
+    active = lk.active_adapters(model)
+    if len(active) > 1:
+        raise ConfigError(f"generation asks one adapter at a time; {active} are active (lk.activate one)")
+    if any(layer.merged for _, layer in adapted_layers(model)):
+        raise ConfigError("generation routes requests through unmerged adapters; lk.unmerge(model) first")
+    adapters = Adapters(model, max_loaded=1)
+    if active:
+        adapters.attached(active[0])
+    engine = Engine(model, tokenizer, adapters, max_batch=batch_size)
+    answers: list[str] = [""] * len(prompts)
+    progress = _progress(len(prompts), 0, None if desc else False, desc, unit="prompt", leave=False)
+    failed: list[str] = []
+
+    def sink(i: int, pieces: list[str]):
+        def event(e: dict) -> None:
+            if "text" in e:
+                pieces.append(e["text"])
+            elif "error" in e:
+                failed.append(e["error"])
+            if "done" in e or "error" in e:
+                answers[i] = "".join(pieces)
+                progress.advance(1)
+        return event
+
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            batch = _on(_left_padded([ids[i] for i in index], tokenizer.pad_token_id), model.device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            for i, row in zip(index, out[:, batch["input_ids"].shape[1]:]):
-                answers[i] = tokenizer.decode(row, skip_special_tokens=True)
+        engine.complete([Generation(data_mod.prompt_ids(p, tokenizer), active[0] if active else None,
+                                    Sampling(max_tokens=max_new_tokens), sink(i, [])) for i, p in enumerate(prompts)])
     finally:
         model.train(was_training)
+        progress.close()
+    if failed:
+        raise TrainingError(f"generation failed for {len(failed)} of {len(prompts)} prompts: {failed[0]}")
     return answers
-
-
-def _left_padded(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` padded on the left, so every row ends where generation starts."""
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, length - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, length - len(r):] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}
 
 
-def accuracy(model, tokenizer, examples, config) -> tuple[float, list[dict]]:
-    """Exact-match accuracy (%) on (prompt, target) ``examples`` and the individual predictions."""
-    answers = generate(model, tokenizer, [p for p, _ in examples], config.max_new_tokens, config.eval_batch_size)
+def accuracy(model, tokenizer, examples, config, groups: list[str] | None = None) -> tuple[float, list[dict]]:
+    """Exact-match accuracy (%) on (prompt, target) ``examples`` and the individual predictions, each with its
+    entry of ``groups`` as ``group`` where given; a progress bar on a terminal."""
+    answers = generate(model, tokenizer, [p for p, _ in examples], config.max_new_tokens, config.eval_batch_size,
+                       desc="scoring")
     rows = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "target": t, "answer": a,
              "correct": tasks.exact_match(a, t)} for (p, t), a in zip(examples, answers)]
+    for row, group in zip(rows, groups or ()):
+        row["group"] = group
     return 100.0 * sum(r["correct"] for r in rows) / max(len(rows), 1), rows
 
 
+def per_group(rows: list[dict]) -> dict[str, dict]:
+    """{group: {records, correct, accuracy (%)}} of prediction ``rows`` with a ``group``, in order of appearance."""
+    groups: dict[str, dict] = {}
+    for row in rows:
+        if "group" in row:
+            tally = groups.setdefault(row["group"], {"records": 0, "correct": 0})
+            tally["records"] += 1
+            tally["correct"] += row["correct"]
+    for tally in groups.values():
+        tally["accuracy"] = 100.0 * tally["correct"] / tally["records"]
+    return groups
+
+
+def group_table(groups: dict[str, dict], field: str) -> str:
+    """``per_group``'s figures as a markdown table, a row per value of ``field``."""
+    lines = [f"| {field} | records | correct | accuracy |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {g['records']} | {g['correct']} | {g['accuracy']:.1f}% |" for name, g in groups.items()]
+    return "\n".join(lines)
+
+
 @torch.no_grad()
-def validation_loss(model, examples: list[dict], pad_id: int, batch_size: int, device: torch.device) -> float:
-    """Mean completion loss over ``examples`` (Tokenized examples), in eval mode, on ``device``."""
+def validation_loss(model, examples: list[dict], pad_id: int, batch_size: int, device: torch.device,
+                    show: bool = False) -> float:
+    """Mean completion loss over ``examples`` (Tokenized examples), in eval mode, on ``device``; with ``show``,
+    a progress bar on a terminal."""
     was_training = model.training
     model.eval()
     total = count = 0
     loss_of = CompletionLoss(model)
-    for start in range(0, len(examples), batch_size):
-        loss, n = loss_of(**_on(data_mod.collate(examples[start:start + batch_size], pad_id), device))
-        total, count = total + loss.item() * n, count + n
-    model.train(was_training)
+    bar = _progress(len(examples), 0, None if show else False, desc="validation", unit="example", leave=False)
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start:start + batch_size]
+            loss, n = loss_of(**_on(data_mod.collate(batch, pad_id), device))
+            total, count = total + loss.item() * n, count + n
+            bar.advance(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
     return total / max(count, 1)
 
 
@@ -249,19 +423,38 @@ def _set_rng_state(state: dict) -> None:
 def save_checkpoint(run: Path, step: int, state: tuple[dict, dict], scheduler, position: tuple[int, int],
                     rng: dict[str, torch.Tensor], keep: int) -> Path:
     """Write checkpoint ``step`` (``state`` from ``_full_state``, ``rng`` from ``_rng_state`` after that step)
-    atomically and keep the last ``keep``."""
+    atomically and keep the last ``keep``. One that cannot be written (a full disk, a read-only file system) is a
+    CheckpointError naming it, with its partial directory removed and the older checkpoints as they were."""
     final = run / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")  # what a kill leaves: see _remove_partial_saves
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_tensors(tmp / TENSORS, state[0])  # with a digest of the tensors, which loading checks
-    torch.save({"step": step, "epoch": position[0], "batch": position[1], "optimizer": state[1],
-                "scheduler": scheduler.state_dict(), **rng}, tmp / TRAINER_STATE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        write_tensors(tmp / TENSORS, state[0])  # with a digest of the tensors, which loading checks
+        torch.save({"step": step, "epoch": position[0], "batch": position[1], "optimizer": state[1],
+                    "scheduler": scheduler.state_dict(), **rng}, tmp / TRAINER_STATE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    # torch's writer reports a failed write (a full disk) as a RuntimeError: "[enforce fail at inline_container.cc]"
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(next(p for p in tmp.parents if p.is_dir())).free / 2**20
+        kept = checkpoints(run)
+        raise CheckpointError(f"{final}: cannot write the checkpoint ({_os_reason(e)}; {free:,.0f} MiB free on its "
+                              f"disk); " + (f"the newest kept is {kept[0]}, which --resume auto continues from"
+                                            if kept else "no checkpoint is kept")) from e
     for old in checkpoints(run)[keep:]:
         shutil.rmtree(old)
     return final
+
+
+def _os_reason(e: BaseException) -> str:
+    """Why a write failed: the operating system's reason ("No space left on device") where ``e`` or an error it was
+    raised from has one, else ``e``'s text."""
+    cause = e
+    while getattr(cause, "strerror", None) is None and cause.__cause__ is not None:
+        cause = cause.__cause__
+    return getattr(cause, "strerror", None) or str(e)
 
 
 def _remove_partial_saves(run: Path) -> list[Path]:
@@ -278,6 +471,15 @@ def _drop_metrics_after(path: Path, step: int) -> None:
     if path.is_file():
         rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", step + 1) <= step]
         atomic_write(path, lambda p: p.write_text("".join(row + "\n" for row in rows)))
+
+
+def _loss_history(path: Path, step: int) -> tuple[list[float], str | None]:
+    """(the training losses of steps 1 to ``step``, the divergence warning among them or None) in metrics file
+    ``path``: what ``diverged`` goes on from after a resume (without the file, it starts over)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rows = [row for row in rows if row.get("step", step + 1) <= step]  # whether or not the main process cut it yet
+    losses = [row["loss"] for row in rows if "loss" in row]
+    return losses, next((row["diverged"] for row in rows if "diverged" in row), None)
 
 
 def checkpoints(run: Path) -> list[Path]:
@@ -325,14 +527,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return trainer
 
 
-def _resume(run: Path, resume: str, model, optimizer, scheduler, say) -> tuple[dict, Path]:
+def _resume(run: Path, resume: str, model, optimizer, scheduler, say) -> tuple[dict, Path] | None:
     """(trainer state, path) of the checkpoint ``--resume`` names, loaded; for ``auto`` the newest one that
-    reads, saying which newer ones are damaged and skipped."""
+    reads, saying which newer ones are damaged and skipped, and None where there is none (a fresh run)."""
     if resume != "auto":
         return load_checkpoint(Path(resume), model, optimizer, scheduler), Path(resume)
     found = checkpoints(run)
     if not found:
-        raise ConfigError(f"--resume auto: no checkpoint in {run / 'checkpoints'}")
+        return None
     for path in found:
         try:
             return load_checkpoint(path, model, optimizer, scheduler), path
@@ -391,17 +593,28 @@ def _gradient_sync(loss_of, sharded: list, sync: bool):
     return loss_of.no_sync() if hasattr(loss_of, "no_sync") and not sync else contextlib.nullcontext()
 
 
+# The signals that stop training, saving a checkpoint, and what each raises.
+_STOPS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
+
+
+def _raise_stop(signum: int, frame) -> None:
+    """The handler of a stopping signal while training: its exception (KeyboardInterrupt or Terminated)."""
+    raise _STOPS[signum]
+
+
 @contextlib.contextmanager
-def _ctrl_c_held():
-    """Hold a Ctrl-C back until the block ends: a step's optimizer update and counters change together."""
+def _stops_held():
+    """Hold a Ctrl-C or SIGTERM back until the block ends: a step's optimizer update and counters change together.
+    The first signal held is raised then."""
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    previous = {signum: signal.signal(signum, lambda signum, _: caught.append(signum)) for signum in _STOPS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if caught:
-        raise KeyboardInterrupt
+        raise _STOPS[caught[0]]
 
 
 def _adamw(groups: list[dict], lr: float, fused: bool) -> torch.optim.AdamW:
@@ -414,18 +627,6 @@ def _adamw(groups: list[dict], lr: float, fused: bool) -> torch.optim.AdamW:
         except RuntimeError:  # "`fused=True` requires all the params to be ... on a supported device"
             pass
     return torch.optim.AdamW(groups, lr=lr)
-
-
-def merge_for_inference(model, log=print) -> None:
-    """Merge the active adapters for evaluation at the base model's speed. Where merging is refused, for a
-    weight another module shares (a tied output head) that it would change too, the model runs unmerged,
-    the same function, and ``log`` says so; any other failure to merge is an error."""
-    shared = models.sharing_adapted_weights(model)
-    if shared:
-        log(f"running unmerged (slower): {', '.join(shared)} shares a weight the adapter changes (a tied output "
-            "head), which merging would change too")
-        return
-    lk.merge(model)
 
 
 def _schedule(config):
@@ -457,15 +658,19 @@ def finetune(config: FinetuneConfig, log=print) -> dict:
     """Run a fine-tuning job; returns the summary (accuracy before/after, figures, paths)."""
     job = setup(config, log)
     state = start(job)
+    if config.resume:
+        _resume_validation(job, state)
     with _metrics(job) as record:  # closed however the run ends
         train(job, state, record)
         weights = _full_state(job.model, job.optimizer)  # collective under FSDP: every process takes part
         path = _checkpoint(job, state, weights) if job.main else None
         if state.interrupted:
-            job.say(f"interrupted at step {state.step}: checkpoint {path}; continue with --resume auto")
-            raise KeyboardInterrupt
+            what = "stopped by SIGTERM" if state.interrupted is Terminated else "interrupted"
+            job.say(f"{what} at step {state.step}: checkpoint {path}; continue with --resume auto")
+            raise state.interrupted
         summary = finish(job, state, weights, record)
     if job.main:
+        summary["diverged"] = state.diverged
         _plot(job.run)
         _report(job.run, config, job.recipe, summary)
     return summary
@@ -526,12 +731,19 @@ class TrainState:
     tokens_seen: int = 0  # by this process since the loop (re)started
     t0: float = 0.0  # when the loop (re)started
     train_seconds: float = 0.0
-    interrupted: bool = False  # a Ctrl-C ended the loop
+    interrupted: type[KeyboardInterrupt] | None = None  # what ended the loop: KeyboardInterrupt, or Terminated
+    losses: list = field(default_factory=list)  # the training loss of every step from the first (``diverged``)
+    diverged: str | None = None  # the warning that the run has diverged, once given
+    best_loss: float = math.inf  # the lowest validation loss so far
+    best_step: int = 0  # its step (0: none measured)
+    since_best: int = 0  # validations since, none lower
+    stopped: bool = False  # early stopping ended the loop
 
 
 def setup(config: FinetuneConfig, log) -> Job:
-    """Check the config and build its recipe, join the process group, load the model and data, measure
-    accuracy before, adapt (and quantize), shard under FSDP, and make the optimizer and schedule."""
+    """Check the config and build its recipe, join the process group, check that --out can be written, load the
+    model and data, measure accuracy before, adapt (and quantize), shard under FSDP, and make the optimizer and
+    schedule."""
     config.check()
     recipe = config.recipe()
     rank, world, strategy, device = _distributed(config)
@@ -539,16 +751,20 @@ def setup(config: FinetuneConfig, log) -> Job:
     if config.batch_size % (world * config.grad_accum):
         raise ConfigError(f"--batch-size {config.batch_size} must divide by processes x --grad-accum "
                           f"({world} x {config.grad_accum})")
+    if rank == 0:  # the process that writes the run directory
+        _check_writable(Path(config.out))
     started = time.time()
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # every device's generator
 
+    split = split_records(config)  # the data files read and checked before the model loads (seconds to a minute)
     model, tokenizer = models.load(config.model, log=say, device=device)
-    data = datasets(config, tokenizer)
+    data = datasets(config, tokenizer, split)
     if not data.train.examples:
-        raise ConfigError("no training examples left after tokenizing (all too long?)")
-    say(f"data: {len(data.train.examples)} training examples ({data.train.truncated} truncated, "
-        f"{data.train.dropped} dropped), {len(data.evaluation)} held out for evaluation; on {device}")
+        raise ConfigError(f"no training examples left after tokenizing ({data.train.summary()}): each is cut to "
+                          f"--max-length {config.max_length} tokens, and one left with no answer token is dropped")
+    say(f"data: {len(data.train.examples)} training examples ({data.train.summary()}), {len(data.evaluation)} held "
+        f"out for evaluation; on {device}")
     batch_size = _batch_size(config, len(data.train.examples), world, say)
     before = None
     if rank == 0 and not config.skip_eval_before and data.evaluation:
@@ -573,20 +789,37 @@ def setup(config: FinetuneConfig, log) -> Job:
                trainable, total, params, optimizer, scheduler, sharded, autocast, started)
 
 
+def _check_writable(run: Path) -> None:
+    """A ConfigError unless run directory ``run`` can be made and a file written in it: a probe file, since
+    permission bits do not stop root and say nothing of a read-only file system."""
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run, prefix=".lorakit-write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {run}: cannot write there ({e.strerror or e})") from None
+
+
 def start(job: Job) -> TrainState:
     """Where training starts: the checkpoint --resume names loaded (weights, optimizer, schedule, random
-    state; the metrics rows after it dropped), or step 0 of a fresh run, an earlier run's checkpoints removed.
-    Directories of cut-off saves are removed either way."""
+    state; the metrics rows after it dropped, the losses up to it read back for ``diverged``), or step 0 of a
+    fresh run, an earlier run's checkpoints removed. --resume auto where no checkpoint was written yet starts a
+    fresh run, said. Directories of cut-off saves are removed either way."""
     state, run = TrainState(), job.run
     if job.main:
         for partial in _remove_partial_saves(run):
             job.say(f"removed {partial}: a checkpoint save that was cut off")
     if job.config.resume:
-        saved, state.last_good = _resume(run, job.config.resume, job.model, job.optimizer, job.scheduler, job.say)
-        state.step, state.epoch, state.position = saved["step"], saved["epoch"], saved["batch"]
-        if job.main:
+        resumed = _resume(run, job.config.resume, job.model, job.optimizer, job.scheduler, job.say)
+        if resumed is None:
+            job.say(f"--resume auto: no checkpoint in {run / 'checkpoints'}; starting a fresh run")
+        else:
+            saved, state.last_good = resumed
+            state.step, state.epoch, state.position = saved["step"], saved["epoch"], saved["batch"]
+            job.say(f"resumed from {state.last_good} at step {state.step}")
+        if job.main:  # metrics.jsonl is appended to: the rows of steps redone go, all of them for a fresh run
             _drop_metrics_after(run / "metrics.jsonl", state.step)
-        job.say(f"resumed from {state.last_good} at step {state.step}")
+        state.losses, state.diverged = _loss_history(run / "metrics.jsonl", state.step)
     elif job.main and checkpoints(run):
         # Left in place, an earlier run's checkpoints would outrank ours in the last-k pruning and in
         # --resume auto.
@@ -613,25 +846,30 @@ def _metrics(job: Job):
 
 def train(job: Job, state: TrainState, record) -> None:
     """Optimizer steps from ``state`` up to --steps, each a ``loss_step`` and a ``commit_step``, validation and
-    checkpoints between them. A Ctrl-C ends it with ``state.interrupted`` and ``state`` at the last commit."""
+    checkpoints between them. A Ctrl-C or SIGTERM ends it with ``state.interrupted`` (KeyboardInterrupt or
+    Terminated) and ``state`` at the last commit."""
     config = job.config
     loss_of = _loss_module(job)
     state.batches = data_mod.batch_order(job.data.train.examples, job.batch_size, state.epoch, config.seed)
     progress = _progress(config.steps, state.step, job.main)
     state.tokens_seen, state.t0 = 0, time.time()
     state.rng = _rng_state(job.device)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = {signum: signal.signal(signum, _raise_stop) for signum in _STOPS}
+    threads, callers_threads = threads_for(config.threads, job.device), torch.get_num_threads()
     job.model.train()
     try:
-        while state.step < config.steps:
-            loss = loss_step(job, loss_of, state)
-            commit_step(job, state, loss, record, progress)
+        while state.step < config.steps and not state.stopped:
+            with threads.step():
+                loss = loss_step(job, loss_of, state)
+                commit_step(job, state, loss, record, progress)
             _between_steps(job, state, record)
-    except KeyboardInterrupt:
-        state.interrupted = True
+    except KeyboardInterrupt as stop:  # Terminated too
+        state.interrupted = type(stop)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         progress.close()
+        torch.set_num_threads(callers_threads)  # --threads is for the steps; the caller goes on as it was
     state.train_seconds = time.time() - state.t0
 
 
@@ -669,11 +907,12 @@ def loss_step(job: Job, loss_of, state: TrainState) -> torch.Tensor:
 
 
 def commit_step(job: Job, state: TrainState, loss: torch.Tensor, record, progress) -> None:
-    """Clip the gradients, then commit the step whole (a Ctrl-C waits for it): AdamW update, schedule, the
-    methods' per-step hooks (``lk.step``), counters, random state, the metrics row."""
+    """Clip the gradients, then commit the step whole (a Ctrl-C or SIGTERM waits for it): AdamW update, schedule,
+    the methods' per-step hooks (``lk.step``), counters, random state, the metrics row; and the warning, once,
+    when the losses say the run has diverged (``diverged``: said, and a metrics row of its own)."""
     if job.config.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(job.params, job.config.max_grad_norm)
-    with _ctrl_c_held():
+    with _stops_held():
         job.optimizer.step()
         lr = job.scheduler.get_last_lr()[0]  # the rate this step used
         job.scheduler.step()
@@ -682,24 +921,128 @@ def commit_step(job: Job, state: TrainState, loss: torch.Tensor, record, progres
         state.step, state.position = state.step + 1, state.position + 1
         state.rng = _rng_state(job.device)
         rate = state.tokens_seen * job.world / max(time.time() - state.t0, 1e-9)
-        record(step=state.step, loss=loss.item(), lr=lr, tokens_per_s=rate)
-        progress.update(loss.item(), rate)
+        state.losses.append(loss.item())
+        record(step=state.step, loss=state.losses[-1], lr=lr, tokens_per_s=rate)
+        progress.update(state.losses[-1], rate)
+        if state.diverged is None and (why := diverged(state.losses)):
+            state.diverged = (f"the run has diverged at step {state.step}: {why}; a lower --lr than "
+                              f"{job.config.lr:g} helps")
+            record(step=state.step, diverged=state.diverged)
+            job.say(f"warning: {state.diverged}")
+
+
+# The divergence rule (``diverged``): the mean loss of the last DIVERGED_WINDOW steps against the first step's.
+DIVERGED_WINDOW, DIVERGED_FACTOR, DIVERGED_NATS = 5, 2.0, 1.0
+
+
+def diverged(losses: list[float]) -> str | None:
+    """Why a run whose training loss at each step from its first is ``losses`` has diverged, or None.
+
+    The rule: the mean loss of the last 5 steps is more than twice the first step's and more than 1 nat above
+    it. The first step's loss is that of the model as it started, before any update, and a run that learns goes
+    below it. Averaging 5 steps keeps one hard batch from tripping the rule, the factor 2 keeps the noise of the
+    first batch's loss from doing so, and the nat keeps a loss near zero from doing so by doubling (0.01 to 0.03
+    is no divergence; a nat more is each label's probability e times lower, on average). A diverged run is far
+    past both: SmolLM2-135M at --lr 1e4 went from 0.64 to 10.80, ln 49152, the loss of a uniform guess over its
+    vocabulary, and stayed there; a loss that goes on to inf or NaN is stopped by ``loss_step``. Not used: the
+    size of the updates or weights, which under AdamW follows the learning rate (each step moves each weight by
+    about lr) whether or not the loss gets worse, and has no scale to compare with for methods whose trained
+    tensors start at zero. Neither HF Trainer nor torchtune warns of divergence.
+    """
+    if len(losses) <= DIVERGED_WINDOW:
+        return None
+    first, recent = losses[0], sum(losses[-DIVERGED_WINDOW:]) / DIVERGED_WINDOW
+    if recent <= DIVERGED_FACTOR * first or recent <= first + DIVERGED_NATS:
+        return None
+    return (f"the mean training loss of the last {DIVERGED_WINDOW} steps, {recent:.3g}, is over twice the first "
+            f"step's, {first:.3g}, and over 1 nat above it")
 
 
 def _between_steps(job: Job, state: TrainState, record) -> None:
-    """The validation loss every --val-every steps, and a checkpoint every --save-every (the last step's is
-    written after the loop)."""
+    """The validation loss every --val-every steps and at the last (``_validate``), and a checkpoint every
+    --save-every (the last step's, early stopping's included, is written after the loop)."""
     config = job.config
-    # Under FSDP every process takes part in each forward, so all of them validate.
-    validate = config.val_every and state.step % config.val_every == 0 and job.data.validation.examples
-    if validate and (job.main or job.strategy == "fsdp"):
-        record(step=state.step, val_loss=validation_loss(job.model, job.data.validation.examples,
-                                                         job.tokenizer.pad_token_id, config.eval_batch_size,
-                                                         job.device))
-    if config.save_every and state.step % config.save_every == 0 and state.step < config.steps:
+    due = config.val_every and (state.step % config.val_every == 0 or state.step == config.steps)
+    if due and job.data.validation.examples:
+        _validate(job, state, record)
+    if config.save_every and state.step % config.save_every == 0 and state.step < config.steps and not state.stopped:
         weights = _full_state(job.model, job.optimizer)
         if job.main:
             state.last_good = _checkpoint(job, state, weights)
+
+
+def _validate(job: Job, state: TrainState, record) -> None:
+    """Measure and record the validation loss; under --keep best write the weights of a new lowest one
+    (``best_path``), and under --early-stopping end the loop after that many validations without one."""
+    config = job.config
+    # Under FSDP every process takes part in each forward, so all of them validate; under DDP the main process
+    # does. Each process then takes the main's loss, so all decide alike (the best's weights are collective).
+    loss = (validation_loss(job.model, job.data.validation.examples, job.tokenizer.pad_token_id,
+                            config.eval_batch_size, job.device, show=job.main)
+            if job.main or job.strategy == "fsdp" else math.nan)
+    loss = _from_main(job, loss)
+    record(step=state.step, val_loss=loss)
+    if _tally(state, config, state.step, loss) and config.keep == "best":
+        tensors, _ = _full_state(job.model, job.optimizer)
+        if job.main:
+            _write_best(job.run, state.step, tensors)
+    if state.stopped:
+        job.say(f"early stopping at step {state.step}: no lower validation loss in {state.since_best} validations "
+                f"(the lowest, {state.best_loss:.4f}, at step {state.best_step})")
+
+
+def _tally(state: TrainState, config, step: int, loss: float) -> bool:
+    """Count validation ``loss`` of ``step`` into ``state``'s best and the validations since (``stopped`` after
+    --early-stopping of them); whether it is the lowest so far."""
+    lowest = loss < state.best_loss
+    if lowest:
+        state.best_loss, state.best_step, state.since_best = loss, step, 0
+    else:
+        state.since_best += 1
+    state.stopped = bool(config.early_stopping) and state.since_best >= config.early_stopping
+    return lowest
+
+
+def _from_main(job: Job, value: float) -> float:
+    """``value`` as the main process has it, on every process."""
+    if job.world == 1:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor(value, dtype=torch.float64, device=job.device)
+    dist.broadcast(tensor, src=0)
+    return tensor.item()
+
+
+def best_path(run: Path, step: int) -> Path:
+    """The file of run ``run``'s trained tensors at ``step``, its lowest validation loss (--keep best)."""
+    return run / "checkpoints" / f"best-step-{step:06d}.safetensors"
+
+
+def _write_best(run: Path, step: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` as the best of ``run`` at ``step``, atomically, and remove the best before it."""
+    path = best_path(run, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_tensors(path, tensors)
+    for old in path.parent.glob("best-step-*.safetensors"):
+        if old != path:
+            old.unlink()
+
+
+def _resume_validation(job: Job, state: TrainState) -> None:
+    """After --resume: the lowest validation loss, and the validations since, of metrics.jsonl's rows up to the
+    resumed step, so --keep best and --early-stopping go on as in the uninterrupted run. A lowest loss whose
+    weights --keep best finds no file of (a run with --keep last before) is forgotten, as said."""
+    path = job.run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    for row in rows:  # up to the step read here, not trusting the main process to have cut the file yet
+        if "val_loss" in row and row["step"] <= state.step:
+            _tally(state, job.config, row["step"], row["val_loss"])
+    if job.config.keep == "best" and state.best_step and not best_path(job.run, state.best_step).is_file():
+        job.say(f"--keep best: the weights of step {state.best_step}, the lowest validation loss so far, were not "
+                f"kept ({best_path(job.run, state.best_step)} is missing); the best is chosen from step "
+                f"{state.step} on")
+        state.best_loss, state.best_step = math.inf, 0
 
 
 def _loss_module(job: Job):
@@ -719,30 +1062,38 @@ def _checkpoint(job: Job, state: TrainState, weights: tuple[dict, dict]) -> Path
 
 
 def finish(job: Job, state: TrainState, weights: tuple[dict, dict], record) -> dict:
-    """Save the adapter and its prompt format, merge it for speed, measure accuracy after; the summary (on the
-    other processes: task, steps and batch size only)."""
+    """Put back the weights --keep names (the best step's, or the last), save the adapter and its prompt format,
+    measure accuracy after, per group too; the summary (on the other processes: sources, steps and batch size
+    only)."""
     config = job.config
-    summary = {"task": config.task if not config.data else Path(config.data).name, "steps": state.step,
-               "batch_size": job.batch_size}
+    best = config.keep == "best" and state.best_step
+    scored = state.best_step if best else state.step
+    summary = {**job.data.sources._asdict(), "steps": state.step, "batch_size": job.batch_size}
     if not job.main:
         return summary
+    if config.keep == "best" and not best:
+        job.say(f"--keep best: no validation loss was measured; the adapter is the last step's, {state.step}")
+    tensors = read_tensors(best_path(job.run, scored)) if scored != state.step else None
     model = job.model
     if job.strategy == "fsdp":  # evaluate and save a whole copy: the trained one is sharded across processes
         model, _ = models.load(config.model, log=job.say, device=job.device)
         prepare(model, job.recipe, config, job.say)
-        model.load_state_dict(weights[0], strict=False)
+        model.load_state_dict(weights[0] if tensors is None else tensors, strict=False)
+    elif tensors is not None:
+        model.load_state_dict(tensors, strict=False)
     lk.save(model, job.run / "adapter")
     data_mod.write_prompt_format(job.run / "adapter", job.data.prompt_format)
-    if not config.quantize:  # zero added latency; a quantized base would merge into a float copy
-        merge_for_inference(model, job.say)
     t1 = time.time()
     evaluation = job.data.evaluation
-    after, rows = accuracy(model, job.tokenizer, evaluation, config) if evaluation else (None, [])
+    if evaluation:
+        job.say(f"scoring the adapter of step {scored} on {job.data.sources.test}")
+    after, rows = accuracy(model, job.tokenizer, evaluation, config, job.data.groups) if evaluation else (None, [])
     eval_seconds = time.time() - t1
-    with open(job.run / "predictions.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    record(accuracy_before=job.before, accuracy_after=after)
+    atomic_write(job.run / "predictions.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    record(accuracy_before=job.before, accuracy_after=after, scored_step=scored)
     return {**summary, "accuracy_before": job.before, "accuracy_after": after, "eval_examples": len(evaluation),
+            "groups": per_group(rows) if job.data.groups else None, "scored_step": scored,
+            "best_val_loss": None if math.isinf(state.best_loss) else state.best_loss, "stopped_early": state.stopped,
             "trainable": job.trainable, "total": job.total, "seconds": time.time() - job.started,
             "train_seconds": state.train_seconds, "eval_seconds": eval_seconds,
             "tokens_per_s": state.tokens_seen * job.world / max(state.train_seconds, 1e-9),
@@ -752,20 +1103,27 @@ def finish(job: Job, state: TrainState, weights: tuple[dict, dict], record) -> d
 
 
 class _progress:
-    """A tqdm bar with loss and tokens/s (silent on other ranks or without tqdm)."""
+    """A tqdm bar on stderr: of training steps with loss and tokens/s, or of examples evaluated (``advance``).
+    Silent where ``show`` is False (other ranks), off a terminal where it is None, and without tqdm; gone once
+    it ends unless ``leave``."""
 
-    def __init__(self, total: int, done: int, show: bool):
+    def __init__(self, total: int, done: int, show: bool | None, desc: str = "training", unit: str = "step",
+                 leave: bool = True):
         try:
             from tqdm.auto import tqdm
         except ImportError:
             tqdm = None
-        self.bar = tqdm(total=total, initial=done, desc="training", unit="step", disable=not show,
-                        file=sys.stderr) if tqdm else None
+        self.bar = tqdm(total=total, initial=done, desc=desc, unit=unit, disable=None if show is None else not show,
+                        leave=leave, file=sys.stderr) if tqdm else None
 
     def update(self, loss: float, rate: float) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
             self.bar.update(1)
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -799,16 +1157,30 @@ def _plot(run: Path) -> None:
 
 
 def _report(run: Path, config: FinetuneConfig, recipe: Method, s: dict) -> None:
+    """report.md: the data's sources, accuracy before and after (per group), the adapter scored, the method,
+    figures of the run, the command and the settings it used."""
     def pct(v):
         return "-" if v is None else f"{v:.1f}%"
 
+    if config.keep == "best" and s["best_val_loss"] is not None:
+        why = f"the lowest validation loss, {s['best_val_loss']:.4f} (--keep best)"
+    else:
+        why = "the last (--keep last)" if config.keep == "last" else "the last: no validation loss was measured"
+    stopped = (f"; stopped early: no lower validation loss in {config.early_stopping} validations (--early-stopping "
+               f"{config.early_stopping})" if s["stopped_early"] else "")
+    warning = f"| warning | {s['diverged']} |\n" if s.get("diverged") else ""
+    groups = (f"\n## Accuracy after, per {config.group_by or 'task'}\n\n"
+              f"{group_table(s['groups'], config.group_by or 'task')}\n" if s["groups"] else "")
     text = f"""# lorakit finetune report
 
 | | |
 |---|---|
-| task | {s['task']} ({s['eval_examples']} held-out examples, exact match) |
+| training data | {s['train']} |
+| validation data | {s['validation']} |
+| test data (exact match) | {s['test']} |
 | accuracy before | {pct(s['accuracy_before'])} |
 | accuracy after | {pct(s['accuracy_after'])} |
+| adapter scored | step {s['scored_step']} of {s['steps']}: {why}{stopped} |
 | method | `{recipe!r}` ({config.method}), targets {config.targets} |
 | trainable parameters | {s['trainable']:,} of {s['total']:,} ({100 * s['trainable'] / s['total']:.3f}%) |
 | steps × batch | {s['steps']} × {s['batch_size']} |
@@ -817,9 +1189,19 @@ def _report(run: Path, config: FinetuneConfig, recipe: Method, s: dict) -> None:
 | peak memory (RSS) | {s['peak_memory_mb']:,.0f} MB |
 | examples truncated / dropped | {s['truncated']} / {s['dropped']} |
 | adapter | `{s['adapter']}` |
-
+{warning}{groups}
 Command: `{' '.join(sys.argv)}`
 
-Settings: `{json.dumps(asdict(config))}`
+Settings: `{json.dumps(_used_settings(config))}`
 """
     atomic_write(run / "report.md", lambda p: p.write_text(text))
+
+
+def _used_settings(config: FinetuneConfig) -> dict:
+    """``config`` as a dict, less the data settings the run did not use: no built-in task where --data trained."""
+    unused = {"test_fraction"} if config.eval_data or not config.data else set()
+    if config.data:
+        unused |= {"task", "train_examples", "eval_examples"}
+    if config.val_data or not config.val_every:
+        unused.add("val_fraction")
+    return {k: v for k, v in asdict(config).items() if k not in unused}
