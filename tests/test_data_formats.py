@@ -349,6 +349,8 @@ def test_data_errors_come_before_the_model_loads(tiny_dir, tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="--chat-template"):
         finetune(_config(tiny_dir, tmp_path / "run", data=str(good), chat_template=str(tmp_path / "no.jinja")),
                  log=lambda m: None)
+    with pytest.raises(ConfigError, match="--system-prompt shape chat prompts"):  # raw records: no system turn
+        finetune(_config(tiny_dir, tmp_path / "run", data=str(good), system_prompt="Be brief."), log=lambda m: None)
 
 
 def test_finetune_takes_the_encoding(tiny_dir, tmp_path):

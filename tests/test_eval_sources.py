@@ -130,15 +130,21 @@ def test_finetune_report_names_the_true_sources_and_groups(tiny_dir, tmp_path, c
     run = tmp_path / "run"
     assert cli(["finetune", "--model", str(tiny_dir), "--out", str(run), "--data", str(train), "--eval-data",
                 str(test), "--steps", "2", "--batch-size", "4", "--max-new-tokens", "2", "--val-every", "1",
-                "--skip-eval-before", "--rank", "2"]) == 0
+                "--rank", "2"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith(f"(7 records from {test})")
     report = (run / "report.md").read_text()
     assert f"| training data | 11 records from {train} |" in report
     assert "| validation data | 1 record held out of the training records (--val-fraction 0.05) |" in report
     assert f"| test data (exact match) | 7 records from {test} |" in report
     assert "train.jsonl (" not in report and "held-out examples" not in report
-    assert "## Accuracy after, per task" in report and re.search(r"\| a \| 4 \| \d \| [\d.]+% \|", report)
-    assert re.search(r"\| b \| 3 \| \d \| [\d.]+% \|", report)
+    assert "## Accuracy per task" in report and "| task | records | accuracy before | correct | accuracy after |" \
+        in report
+    for group, records in (("a", 4), ("b", 3)):  # the tiny model scores something between 0 and all, before and after
+        assert re.search(rf"\| {group} \| {records} \| [\d.]+% \| \d \| [\d.]+% \|", report), report
+    # the groups' accuracy before, weighted by their records, is the accuracy before
+    before = {g: float(v) for g, v in re.findall(r"\| ([ab]) \| \d \| ([\d.]+)% \|", report)}
+    overall = float(re.search(r"\| accuracy before \| ([\d.]+)% \|", report)[1])
+    assert abs((4 * before["a"] + 3 * before["b"]) / 7 - overall) < 0.1
     settings = json.loads(re.search(r"Settings: `(.*)`", report)[1])
     assert "task" not in settings and "train_examples" not in settings and settings["eval_data"] == str(test)
     rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]

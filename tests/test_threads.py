@@ -23,10 +23,12 @@ from test_train import _config, save_tiny_model
 
 
 class Machine:
-    """A fake clock and thread setting: a step at n threads takes ``cost[n]`` seconds per unit of work."""
+    """A fake clock and thread setting: a step at n threads takes ``per_step`` seconds plus ``cost[n]`` per unit of
+    work, times ``spikes[i]`` for the i-th step (from 0)."""
 
-    def __init__(self, cost: dict[int, float], per_step: float = 0.0):
-        self.cost, self.per_step, self.now, self.threads = dict(cost), per_step, 0.0, None
+    def __init__(self, cost: dict[int, float], per_step: float = 0.0, spikes: dict[int, float] | None = None):
+        self.cost, self.per_step, self.spikes = dict(cost), per_step, spikes or {}
+        self.now, self.threads, self.steps = 0.0, None, 0
 
     def clock(self) -> float:
         return self.now
@@ -42,8 +44,9 @@ class Machine:
         ran = []
         for _ in range(steps):
             with threads.step(units):
-                self.now += self.per_step + self.cost[self.threads] * units
+                self.now += (self.per_step + self.cost[self.threads] * units) * self.spikes.get(self.steps, 1.0)
             ran.append(self.threads)
+            self.steps += 1
         return ran
 
     def run_for(self, threads: Threads, seconds: float, units: int = 1) -> list[int]:
@@ -69,19 +72,39 @@ def test_quiet_keeps_torchs_count_and_probing_costs_about_one_percent():
     assert threads.count == 2 and spent <= 1.015 * len(ran) * QUIET[2]
 
 
-def test_under_contention_one_probe_step_switches_and_stays():
+def test_under_contention_two_probe_steps_switch_and_it_stays():
     machine = Machine(BUSY)
     threads = machine.chooser([2, 1])
-    assert machine.run(threads, 5) == [2, 2, 2, 1, 1]  # decided by the first probe step: ten times faster
+    assert machine.run(threads, 7) == [2, 2, 2, 1, 2, 1, 1]  # ten times faster: decided at DECIDE_AFTER steps
     ran = machine.run_for(threads, 3600)
     assert threads.count == 1
     assert sum(BUSY[n] for n in ran) <= 1.02 * len(ran) * BUSY[1]  # the probes of two threads cost ~1%
 
 
+def test_a_probe_far_slower_ends_at_its_first_step():
+    machine = Machine(BUSY)
+    threads = machine.chooser([2, 1])
+    machine.run(threads, 7)
+    assert threads.count == 1
+    machine.now += th.MAX_INTERVAL  # the next step starts a probe of two threads: one step of it, ten times slower
+    assert machine.run(threads, 4) == [1, 2, 1, 1] and threads.count == 1
+
+
 def test_a_clearly_slower_probe_is_cut_short():
     machine = Machine({2: 0.05, 1: 0.06 * th.CLEAR})
     threads = machine.chooser([2, 1])
-    assert machine.run(threads, 6) == [2, 2, 2, 1, 2, 2]
+    assert machine.run(threads, 8) == [2, 2, 2, 1, 2, 1, 2, 2]
+
+
+@pytest.mark.parametrize("spike", [3, 4])  # the first probed step, or the current count's step after it
+def test_one_slow_step_decides_nothing(spike):
+    # a step twenty times its cost (greedy near-ties decided by forwards of their requests alone, say): beside busy
+    # processes one thread still wins, on a quiet machine two threads still stay
+    for cost, chosen in ((BUSY, 1), (QUIET, 2)):
+        machine = Machine(cost, spikes={spike: 20.0})
+        threads = machine.chooser([2, 1])
+        machine.run(threads, 3 + 2 * th.PROBE_STEPS + 1)
+        assert threads.count == chosen
 
 
 def test_it_follows_the_machine_as_other_processes_come_and_go():
@@ -209,10 +232,13 @@ def test_the_engine_sets_the_count_in_its_own_thread_and_times_each_decode_step_
     assert set(recorded.set_in) == {worker.ident}
 
 
-def test_finetune_runs_its_steps_at_threads_and_gives_the_caller_its_count_back(tmp_path, monkeypatch):
+def test_finetune_runs_its_steps_and_its_scoring_at_threads_and_gives_the_caller_its_count_back(tmp_path, monkeypatch):
     calls, real = [], torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
     before = torch.get_num_threads()
-    finetune(_config(save_tiny_model(tmp_path / "tiny"), tmp_path / "run", threads="1", steps=3, save_every=0),
+    n = before + 1
+    finetune(_config(save_tiny_model(tmp_path / "tiny"), tmp_path / "run", threads=str(n), steps=3, save_every=0),
              log=lambda m: None)
-    assert calls == [1, 1, 1, before] and torch.get_num_threads() == before  # a step each, and the caller's back
+    scoring = len(calls) - 5  # the decode steps of the final evaluation
+    assert scoring > 0 and calls == [n] * 3 + [before] + [n] * scoring + [before]
+    assert torch.get_num_threads() == before

@@ -14,7 +14,6 @@ left as it is: libgomp reads it once, when torch loads, and a passive wait slows
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -24,21 +23,30 @@ from lorakit.errors import ConfigError
 
 # Steps at the start that are not timed: the first ones allocate and warm the caches.
 WARMUP_STEPS = 2
-# A probe: this many steps at the other count, each followed by one at the current count.
+# A probe: up to this many steps at the other count, each right after one at the current count ...
 PROBE_STEPS = 3
-# One probe step this many times faster (or slower) per unit than the current count's step before it decides at
-# once: under contention a two-thread step can take ten times a one-thread one, and the probe stops paying for it.
+# ... and at least this many before it decides. One step can be slow for reasons of its own (a greedy near-tie
+# decided by a forward of the request alone, a KV buffer that grows, a moment of another process's), so a count's
+# pace is its fastest step's seconds per unit, and one step alone never decides.
+DECIDE_AFTER = 2
+# A pace this many times faster (or slower) than the current count's decides at DECIDE_AFTER steps: beside busy
+# processes a two-thread step takes several times a one-thread one, and the probe stops paying for it.
 CLEAR = 1.5
-# The other count is taken when its median per unit is below this share of the current count's: a smaller
+# A probed step this many times slower than the current count's pace ends the probe at once: beside busy processes a
+# step at two threads took fifteen times one at one thread (BENCHMARKS.md), and each more such step costs as much
+# again. A faster count's step slowed this much by something of its own is rare (one slowed less still needs
+# DECIDE_AFTER steps); mistaking it costs an interval at the slower count.
+CUT = 4.0
+# Otherwise the other count is taken when its pace is below this share of the current count's: a smaller
 # difference is within the noise of a shared machine, and switching back and forth on it gains nothing.
 MARGIN = 0.95
 # A probe costs what its steps at the slower count take beyond the faster count's pace. The next probe waits until
 # that cost (as the last probe measured it) is at most this share of the time between them: probing costs about
 # 1% of throughput, quiet or loaded ...
 OVERHEAD = 0.01
-# ... and at least this long, at most this long (seconds): a machine whose load changed is noticed within
-# MAX_INTERVAL plus a probe.
-MIN_INTERVAL, MAX_INTERVAL = 2.0, 120.0
+# ... and at least this long, at most this long (seconds): a machine whose load changed is noticed within the
+# interval plus a probe (the long ones are those where probing the other count is expensive: under contention).
+MIN_INTERVAL, MAX_INTERVAL = 2.0, 300.0
 
 
 def parse(setting: str | int) -> int | None:
@@ -88,6 +96,7 @@ class Threads:
         self.counts = list(counts)
         self.current = 0  # index into counts: the count steps run at between probes
         self._clock, self._set_threads = clock, set_threads or torch.set_num_threads
+        self._callers = torch.get_num_threads()
         self._steps = 0
         self._next_probe = -float("inf")
         self._direction = 1  # the neighbour probed next: 1 fewer threads, -1 more
@@ -102,6 +111,12 @@ class Threads:
     def count(self) -> int | None:
         """The thread count steps run at between probes (None: torch's, left as it is)."""
         return self.counts[self.current] if self.counts else None
+
+    def restore(self) -> None:
+        """Set the calling thread's torch thread count back to what it was when this was made (for a caller that goes
+        on to other work after the loop)."""
+        if self.counts:
+            self._set_threads(self._callers)
 
     @contextlib.contextmanager
     def step(self, units: int = 1) -> Iterator[None]:
@@ -145,19 +160,20 @@ class Threads:
                 self._decide()
             return
         self._probe_paces.append((pace, units))
-        before = self._paces[-1]
-        if pace * CLEAR <= before or pace >= before * CLEAR:
+        mine, probed = min(self._paces), min(p for p, _ in self._probe_paces)
+        clear = probed * CLEAR <= mine or probed >= mine * CLEAR
+        if probed >= mine * CUT or (clear and len(self._probe_paces) >= DECIDE_AFTER):
             self._decide()
 
     def _decide(self) -> None:
-        """End the probe: switch to the probed count if it was faster per unit, and schedule the next probe."""
-        pace = statistics.median(self._paces)
-        if statistics.median(p for p, _ in self._probe_paces) < pace * MARGIN:
+        """End the probe: switch to the probed count if its pace was faster, and schedule the next probe."""
+        mine, probed = min(self._paces), min(p for p, _ in self._probe_paces)
+        if probed < mine * MARGIN:
             self.current = self._probed
         else:
             self._direction = -self._direction
         # What the probe's steps took beyond the faster count's pace, or (after a switch) would have: the cost of
         # the next probe, which runs the slower count as long.
-        excess = sum(abs(p - pace) * units for p, units in self._probe_paces)
+        excess = sum(abs(probed - mine) * units for _, units in self._probe_paces)
         self._plan, self._probed = [], None
         self._next_probe = self._clock() + min(max(excess / OVERHEAD, MIN_INTERVAL), MAX_INTERVAL)

@@ -210,7 +210,7 @@ class FinetuneConfig(ScoringConfig, AdapterConfig, TrainingDataConfig, ThreadsCo
 
 
 @dataclass
-class EvalConfig(ScoringConfig, DataConfig, ModelConfig):
+class EvalConfig(ScoringConfig, DataConfig, ThreadsConfig, ModelConfig):
     data: str = option("", "data file to score: every record of it (JSONL or CSV, as lorakit finetune reads); "
                        "empty = the built-in --task's held-out examples")
     eval_data: str = option("", "the same as --data; given with --data, --eval-data is the file scored")

@@ -53,7 +53,7 @@ from lorakit.kinds import numel
 from lorakit.layers import adapted_layers
 from lorakit.methods.base import Method
 from lorakit.serve.engine import Adapters, Engine, Generation, Sampling
-from lorakit.serve.threads import threads_for
+from lorakit.serve.threads import Threads, threads_for
 from lorakit.train import data as data_mod
 from lorakit.train import models, tasks
 from lorakit.train.config import FinetuneConfig
@@ -240,12 +240,19 @@ class Datasets(NamedTuple):
     sources: Sources
 
 
-def datasets(config, tokenizer, split: Splits | None = None) -> Datasets:
-    """The training, evaluation and validation data of ``config`` (its ``split``, where read already), its prompt
-    format, groups and sources."""
+def asked_format(config, split: Splits) -> data_mod.PromptFormat:
+    """How the adapter of ``config`` trained on ``split`` is asked: its records' form with ``--system-prompt`` and
+    ``--chat-template``; a DataError where they do not go together."""
+    return data_mod.prompt_format_of(split.train, config.data or f"task {config.task}", config.system_prompt,
+                                     config.chat_template)
+
+
+def datasets(config, tokenizer, split: Splits | None = None,
+             prompt_format: data_mod.PromptFormat | None = None) -> Datasets:
+    """The training, evaluation and validation data of ``config`` (its ``split`` and ``prompt_format``, where
+    known already), its prompt format, groups and sources."""
     split = split or split_records(config)
-    prompt_format = data_mod.prompt_format_of(split.train, config.data or f"task {config.task}", config.system_prompt,
-                                              config.chat_template)
+    prompt_format = prompt_format or asked_format(config, split)
     evaluation, groups = evaluation_pairs(split.test, prompt_format, config.group_by)
     sources = split.sources._replace(test=scored_source(split.sources.test, len(split.test), len(evaluation)))
     return Datasets(data_mod.tokenize(split.train, tokenizer, config.max_length, prompt_format), evaluation,
@@ -281,13 +288,15 @@ class CompletionLoss(torch.nn.Module):
         return total / max(len(targets), 1), len(targets)
 
 
-def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int, desc: str = "") -> list[str]:
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int, desc: str = "",
+             threads: str | None = None) -> list[str]:
     """Greedy answers to ``prompts`` (raw text, or chat messages for the chat template) through the model's
     active adapter, or the base when none is active, encoded exactly as training encodes them.
 
     They are decoded by the server's engine, up to ``batch_size`` at a time: ``lorakit serve``'s answers to
     the same prompts, token for token, whatever else shares a batch (``Engine._choose``). ``desc``: a progress
-    bar of that name, on a terminal."""
+    bar of that name, on a terminal. ``threads``: ``--threads`` for the decode steps (None: torch's count as it
+    is)."""
     active = lk.active_adapters(model)
     if len(active) > 1:
         raise ConfigError(f"generation asks one adapter at a time; {active} are active (lk.activate one)")
@@ -296,7 +305,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: i
     adapters = Adapters(model, max_loaded=1)
     if active:
         adapters.attached(active[0])
-    engine = Engine(model, tokenizer, adapters, max_batch=batch_size)
+    chooser = Threads() if threads is None else threads_for(threads, next(model.parameters()).device)
+    engine = Engine(model, tokenizer, adapters, max_batch=batch_size, threads=chooser)
     answers: list[str] = [""] * len(prompts)
     progress = _progress(len(prompts), 0, None if desc else False, desc, unit="prompt", leave=False)
     failed: list[str] = []
@@ -320,6 +330,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: i
     finally:
         model.train(was_training)
         progress.close()
+        chooser.restore()
     if failed:
         raise TrainingError(f"generation failed for {len(failed)} of {len(prompts)} prompts: {failed[0]}")
     return answers
@@ -333,7 +344,7 @@ def accuracy(model, tokenizer, examples, config, groups: list[str] | None = None
     """Exact-match accuracy (%) on (prompt, target) ``examples`` and the individual predictions, each with its
     entry of ``groups`` as ``group`` where given; a progress bar on a terminal."""
     answers = generate(model, tokenizer, [p for p, _ in examples], config.max_new_tokens, config.eval_batch_size,
-                       desc="scoring")
+                       desc="scoring", threads=config.threads)
     rows = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "target": t, "answer": a,
              "correct": tasks.exact_match(a, t)} for (p, t), a in zip(examples, answers)]
     for row, group in zip(rows, groups or ()):
@@ -354,10 +365,16 @@ def per_group(rows: list[dict]) -> dict[str, dict]:
     return groups
 
 
-def group_table(groups: dict[str, dict], field: str) -> str:
-    """``per_group``'s figures as a markdown table, a row per value of ``field``."""
-    lines = [f"| {field} | records | correct | accuracy |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {g['records']} | {g['correct']} | {g['accuracy']:.1f}% |" for name, g in groups.items()]
+def group_table(groups: dict[str, dict], field: str, before: dict[str, dict] | None = None) -> str:
+    """``per_group``'s figures as a markdown table, a row per value of ``field``; with the accuracy ``before``
+    training beside them where given (``per_group`` of the same records)."""
+    if before is None:
+        lines = [f"| {field} | records | correct | accuracy |", "|---|---:|---:|---:|"]
+        lines += [f"| {name} | {g['records']} | {g['correct']} | {g['accuracy']:.1f}% |" for name, g in groups.items()]
+    else:
+        lines = [f"| {field} | records | accuracy before | correct | accuracy after |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {g['records']} | {before[name]['accuracy']:.1f}% | {g['correct']} | "
+                  f"{g['accuracy']:.1f}% |" for name, g in groups.items()]
     return "\n".join(lines)
 
 
@@ -693,6 +710,7 @@ class Job:
     data: Datasets
     batch_size: int  # global, across processes
     before: float | None  # accuracy before training (None: skipped)
+    before_groups: dict | None  # and per group (``per_group``; None: skipped, or not grouped)
     trainable: int
     total: int  # parameters of the adapted model, packed 4-bit weights counted as weights
     params: list  # the trainable parameters (clipped)
@@ -757,18 +775,21 @@ def setup(config: FinetuneConfig, log) -> Job:
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # every device's generator
 
-    split = split_records(config)  # the data files read and checked before the model loads (seconds to a minute)
+    # the data files read and checked before the model loads (seconds to a minute), and how they are asked
+    split = split_records(config)
+    form = asked_format(config, split)
     model, tokenizer = models.load(config.model, log=say, device=device)
-    data = datasets(config, tokenizer, split)
+    data = datasets(config, tokenizer, split, form)
     if not data.train.examples:
         raise ConfigError(f"no training examples left after tokenizing ({data.train.summary()}): each is cut to "
                           f"--max-length {config.max_length} tokens, and one left with no answer token is dropped")
     say(f"data: {len(data.train.examples)} training examples ({data.train.summary()}), {len(data.evaluation)} held "
         f"out for evaluation; on {device}")
     batch_size = _batch_size(config, len(data.train.examples), world, say)
-    before = None
+    before, before_groups = None, None
     if rank == 0 and not config.skip_eval_before and data.evaluation:
-        before, _ = accuracy(model, tokenizer, data.evaluation, config)
+        before, rows = accuracy(model, tokenizer, data.evaluation, config, data.groups)
+        before_groups = per_group(rows) if data.groups else None
         say(f"accuracy before: {before:.1f}%")
 
     prepare(model, recipe, config, say)  # on the device: bitsandbytes quantizes with its kernels there
@@ -786,7 +807,7 @@ def setup(config: FinetuneConfig, log) -> Job:
         f"({100 * trainable / total:.3f}%)")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     return Job(config, recipe, say, rank, world, strategy, device, model, tokenizer, data, batch_size, before,
-               trainable, total, params, optimizer, scheduler, sharded, autocast, started)
+               before_groups, trainable, total, params, optimizer, scheduler, sharded, autocast, started)
 
 
 def _check_writable(run: Path) -> None:
@@ -855,7 +876,7 @@ def train(job: Job, state: TrainState, record) -> None:
     state.tokens_seen, state.t0 = 0, time.time()
     state.rng = _rng_state(job.device)
     previous = {signum: signal.signal(signum, _raise_stop) for signum in _STOPS}
-    threads, callers_threads = threads_for(config.threads, job.device), torch.get_num_threads()
+    threads = threads_for(config.threads, job.device)
     job.model.train()
     try:
         while state.step < config.steps and not state.stopped:
@@ -869,7 +890,7 @@ def train(job: Job, state: TrainState, record) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         progress.close()
-        torch.set_num_threads(callers_threads)  # --threads is for the steps; the caller goes on as it was
+        threads.restore()
     state.train_seconds = time.time() - state.t0
 
 
@@ -1092,7 +1113,8 @@ def finish(job: Job, state: TrainState, weights: tuple[dict, dict], record) -> d
     atomic_write(job.run / "predictions.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
     record(accuracy_before=job.before, accuracy_after=after, scored_step=scored)
     return {**summary, "accuracy_before": job.before, "accuracy_after": after, "eval_examples": len(evaluation),
-            "groups": per_group(rows) if job.data.groups else None, "scored_step": scored,
+            "groups": per_group(rows) if job.data.groups else None, "groups_before": job.before_groups,
+            "scored_step": scored,
             "best_val_loss": None if math.isinf(state.best_loss) else state.best_loss, "stopped_early": state.stopped,
             "trainable": job.trainable, "total": job.total, "seconds": time.time() - job.started,
             "train_seconds": state.train_seconds, "eval_seconds": eval_seconds,
@@ -1169,8 +1191,8 @@ def _report(run: Path, config: FinetuneConfig, recipe: Method, s: dict) -> None:
     stopped = (f"; stopped early: no lower validation loss in {config.early_stopping} validations (--early-stopping "
                f"{config.early_stopping})" if s["stopped_early"] else "")
     warning = f"| warning | {s['diverged']} |\n" if s.get("diverged") else ""
-    groups = (f"\n## Accuracy after, per {config.group_by or 'task'}\n\n"
-              f"{group_table(s['groups'], config.group_by or 'task')}\n" if s["groups"] else "")
+    groups = (f"\n## Accuracy per {config.group_by or 'task'}\n\n"
+              f"{group_table(s['groups'], config.group_by or 'task', s['groups_before'])}\n" if s["groups"] else "")
     text = f"""# lorakit finetune report
 
 | | |
