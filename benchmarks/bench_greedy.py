@@ -11,13 +11,13 @@ built-in tasks (mixed lengths):
 
     .venv/bin/python benchmarks/bench_greedy.py                 # 200 prompts
     .venv/bin/python benchmarks/bench_greedy.py --prompts 32    # a quick check
+    .venv/bin/python benchmarks/bench_greedy.py --dtype bfloat16 --repeats 1    # bfloat16, and its answers against float32's
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,8 +31,8 @@ from lorakit.train import data, models, tasks  # noqa: E402
 from lorakit.train.trainer import generate  # noqa: E402
 
 
-def adapted_model():
-    model, tokenizer = models.load(None, log=lambda m: None)
+def adapted_model(dtype: str = "float32"):
+    model, tokenizer = models.load(None, dtype=dtype, log=lambda m: None)
     lk.adapt(model, lk.LoRA(rank=16, alpha=32), targets="all-linear")
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -74,7 +74,7 @@ def perturbation(model, tokenizer, prompts, max_new_tokens: int, batch_size: int
     choose, alone = engine.Engine._choose, engine.Engine._alone
 
     def recording(self, logits, rows):
-        seen.extend((g.prompt_ids + g.generated, logits[i].clone()) for i, g in enumerate(rows))
+        seen.extend((g.prompt_ids + g.generated, logits[i].float().clone()) for i, g in enumerate(rows))
         return choose(self, logits, rows)
 
     def counting(self, g):
@@ -91,13 +91,15 @@ def perturbation(model, tokenizer, prompts, max_new_tokens: int, batch_size: int
     gaps = []
     with torch.no_grad():
         for sequence, logits in seen[::max(1, len(seen) // sampled)]:
-            reference = model(input_ids=torch.tensor([sequence]), logits_to_keep=1).logits[0, -1]
+            reference = model(input_ids=torch.tensor([sequence]), logits_to_keep=1).logits[0, -1].float()
             diff = (reference - logits).abs().max().item()
             worst, worst_relative = max(worst, diff), max(worst_relative, diff / reference.abs().max().item())
             top = reference.topk(2).values
             gaps.append(((top[0] - top[1]) / top[0].abs().clamp(min=1)).item())
+    dtype = model.get_input_embeddings().weight.dtype
     return {"choices": len(seen), "compared": len(gaps), "max_abs_diff": worst, "max_rel_diff": worst_relative,
-            "smallest_rel_gap": min(gaps), "tolerance": engine.TIE_TOLERANCE, "decided_alone": decided_alone}
+            "smallest_rel_gap": min(gaps), "tolerance": engine.TIE_TOLERANCES.get(dtype, engine.TIE_TOLERANCE),
+            "decided_alone": decided_alone}
 
 
 def main() -> None:
@@ -107,9 +109,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sampled", type=int, default=64, help="decode steps recomputed alone")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", default="benchmarks/results/greedy.json")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="the model's dtype; other than float32, the answers are also compared with float32's")
+    parser.add_argument("--json", default="")
     args = parser.parse_args()
-    model, tokenizer = adapted_model()
+    args.json = args.json or f"benchmarks/results/greedy{'' if args.dtype == 'float32' else '-' + args.dtype}.json"
+    model, tokenizer = adapted_model(args.dtype)
     half = args.prompts // 2
     examples = tasks.split("date", 0, half, seed=3)[1] + tasks.split("extract", 0, args.prompts - half, seed=3)[1]
     prompts = [e.messages()[:-1] for e in examples]
@@ -131,7 +136,14 @@ def main() -> None:
           f"{drift['max_abs_diff']:.2e} ({drift['max_rel_diff']:.1e} of the largest logit); smallest top-two gap "
           f"{drift['smallest_rel_gap']:.1e} of the best; tolerance {drift['tolerance']:g}; decided alone: "
           f"{drift['decided_alone']}")
-    harness.write_json(args.json, {"args": vars(args), "times": times, "answers_differ": differ, **drift})
+    same = None
+    if args.dtype != "float32":
+        reference, reference_tokenizer = adapted_model()
+        theirs = generate(reference, reference_tokenizer, prompts, args.max_new_tokens, args.batch_size)
+        same = sum(a == b for a, b in zip(answers["engine"], theirs))
+        print(f"{args.dtype} answers identical to float32's: {same} of {len(prompts)}")
+    harness.write_json(args.json, {"args": vars(args), "times": times, "answers_differ": differ,
+                                   "same_as_float32": same, **drift})
 
 
 if __name__ == "__main__":

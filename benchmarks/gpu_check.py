@@ -22,7 +22,8 @@ r=16, alpha=32, on a SmolLM2-135M-wide Llama of ``--layers`` layers (random weig
 * .to(device): a model adapted (and quantized) on the CPU, then moved: every tensor there, logits as
   on the CPU (<= 1e-4; on ``--device cpu`` this is CPU to CPU).
 * finetune: the default ``lorakit finetune --device DEVICE`` (SmolLM2-135M-Instruct on the date task):
-  accuracy gain >= 50 points, and its wall time. Skipped with ``--quick``.
+  ``--dtype auto`` chose the device's dtype (bfloat16 from compute capability 8.0), accuracy gain >= 50 points,
+  and its wall time. Skipped with ``--quick``.
 * step vs PEFT: the LoRA training step (r=16 on every linear layer of ``harness.llama()``, the 30-layer
   SmolLM2-135M size, batch 8 x 256, bfloat16 autocast, AdamW), each side after warm-up steps: tokens/s,
   and ``torch.cuda.max_memory_allocated`` on CUDA; both sides must start from the same loss.
@@ -283,7 +284,13 @@ def check_finetune(ctx: Context) -> list[dict]:
     if found is None:
         raise RuntimeError("the run printed no 'accuracy: X% -> Y%' line")
     before, after = map(float, found.groups())
-    return [measured("finetune: accuracy gain (points)", after - before, 50.0, minimum=True, fmt=".1f"),
+    from lorakit.train.models import resolve_dtype
+
+    expected = str(resolve_dtype("auto", ctx.device)[0]).removeprefix("torch.")
+    chosen = re.search(r"dtype: (\w+) \(auto", output)
+    return [measured(f"finetune: --dtype auto chose {chosen and chosen[1]} (the device's: {expected})",
+                     int(bool(chosen) and chosen[1] == expected), 1, minimum=True, fmt="d"),
+            measured("finetune: accuracy gain (points)", after - before, 50.0, minimum=True, fmt=".1f"),
             measured("finetune: accuracy after (%)", after, fmt=".1f"),
             measured("finetune: wall time (s)", wall, fmt=".1f")]
 

@@ -150,19 +150,30 @@ def _say(message: str) -> None:
 def _model_with_adapter(config, tokenizer: bool = True):
     """(model on --device in eval mode, tokenizer, prompt format) with --adapter loaded if given; the prompt
     format is the one the adapter was trained on, None where unknown (no adapter, or one trained elsewhere).
-    Without ``tokenizer`` (weight analysis) the tokenizer is None, and a model directory needs none."""
+    Without ``tokenizer`` (weight analysis) the tokenizer is None, and a model directory needs none. The model is
+    in the ``--dtype`` of a command that computes with it (``_compute_dtype``), float32 for the others."""
     import lorakit as lk
     from lorakit.train import data, models
 
     device = models.resolve_device(config.device)
+    dtype = _compute_dtype(config, device) if isinstance(config, (cfg.EvalConfig, cfg.ChatConfig)) else None
     if tokenizer:
-        model, tokenizer = models.load(config.model, log=_say, device=device)
+        model, tokenizer = models.load(config.model, dtype=dtype, log=_say, device=device)
     else:
-        model, tokenizer = models.load_weights(config.model, log=_say, device=device), None
+        model, tokenizer = models.load_weights(config.model, dtype=dtype, log=_say, device=device), None
     if not config.adapter:
         return model, tokenizer, None
     lk.load(model, config.adapter)
     return model.eval(), tokenizer, data.read_prompt_format(config.adapter)
+
+
+def _compute_dtype(config, device):
+    """The dtype ``config.dtype`` resolves to on ``device``, said on stderr with the reason."""
+    from lorakit.train import models
+
+    dtype, why = models.resolve_dtype(config.dtype, device)
+    _say(f"lorakit: computing in {str(dtype).removeprefix('torch.')} ({why})")
+    return dtype
 
 
 def cmd_eval(config: cfg.EvalConfig) -> int:
@@ -250,6 +261,8 @@ def _check_markup(text: str, tokenizer, prompt_format: str, recorded) -> None:
 
 
 def cmd_merge(config: cfg.MergeConfig) -> int:
+    import torch
+
     import lorakit as lk
     from lorakit.train import models
 
@@ -264,10 +277,12 @@ def cmd_merge(config: cfg.MergeConfig) -> int:
         raise cfg.ConfigError(f"{', '.join(shared)} shares a weight the adapter changes (a tied output head), which "
                               "merging would change too; --untie gives it its own copy first, so the merged model "
                               "computes what the adapted one does")
-    lk.unload(model, merge=True)
-    model.save_pretrained(config.out)
+    lk.unload(model, merge=True)  # in float32, the dtype the model loaded in
+    dtype = models.stored_dtype(config.model) if config.dtype == "auto" else getattr(torch, config.dtype)
+    model.to(dtype).save_pretrained(config.out)
     tokenizer.save_pretrained(config.out)
-    print(f"merged model written to {config.out} (a plain Hugging Face model directory)")
+    print(f"merged model written to {config.out} (a plain Hugging Face model directory, "
+          f"{str(dtype).removeprefix('torch.')})")
     return 0
 
 
@@ -290,7 +305,8 @@ def cmd_serve(config: cfg.ServeConfig) -> int:
         pairs[name] = directory
     device = models.resolve_device(config.device)
     threads = threads_for(config.threads, device)  # a bad --threads is refused before the model loads
-    model, tokenizer = models.load(config.model, log=_say, device=device)
+    dtype = _compute_dtype(config, device)
+    model, tokenizer = models.load(config.model, dtype=dtype, log=_say, device=device)
     base = config.served_model_name or (Path(config.model).resolve().name if config.model else models.DEFAULT_MODEL)
     server = Server(model, tokenizer, base, pairs, api_key=config.api_key or os.environ.get("LORAKIT_API_KEY"),
                     adapters_dir=config.adapters_dir, allow_runtime_adapters=config.allow_runtime_adapters,

@@ -440,4 +440,4 @@ def test_learning_rate_is_a_flag_of_its_own_name_and_its_default_is_explained(ca
     with pytest.raises(SystemExit):
         cli(["finetune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "2e-3 is ten times PEFT's usual 2e-4" in text and "3.5% to 100%" in text
+    assert "2e-3 is ten times PEFT's usual 2e-4" in text and "3.5% to 99.5%" in text

@@ -223,7 +223,7 @@ def test_learning_rate_warms_up_then_follows_a_cosine(tiny_dir, straight):
 
 def test_accumulation_checkpointing_and_bf16_keep_the_losses(tiny_dir, tmp_path, monkeypatch):
     """Two micro-batches per step, or recomputed activations, give the plain run's losses (dropout off:
-    accumulation draws its masks per micro-batch); bf16 autocast gives close but different ones."""
+    accumulation draws its masks per micro-batch); a bfloat16 base gives close but different ones."""
     norms = []
     clip = torch.nn.utils.clip_grad_norm_
 

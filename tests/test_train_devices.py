@@ -1,4 +1,4 @@
-"""Devices in the trainer and the command: --device, bf16 autocast on it, torchrun's per-rank GPU and
+"""Devices in the trainer and the command: --device, torchrun's per-rank GPU and
 backend, and gradient accumulation without communication on the non-final micro-steps (DDP, FSDP2)."""
 
 from __future__ import annotations
@@ -95,22 +95,6 @@ def test_device_cpu_end_to_end(tiny_dir, tmp_path, monkeypatch, capsys):
                 str(tmp_path / "merged")]) == 0
     assert placed == [{torch.device("cpu")}] * 4
     assert "accuracy: " in capsys.readouterr().out
-
-
-def test_bf16_autocasts_on_the_chosen_device(tiny_dir, tmp_path, monkeypatch):
-    """With a GPU in sight and --device cpu, bf16 autocasts the CPU (it used to autocast CUDA, a no-op there)."""
-    kinds = []
-    real = torch.autocast
-
-    def recording(device_type, *args, **kwargs):
-        kinds.append(device_type)
-        return real(device_type, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "autocast", recording)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    finetune(_config(tiny_dir, tmp_path / "run", steps=1, save_every=0, bf16=True, device="cpu"), log=lambda m: None)
-    assert kinds == ["cpu"]
 
 
 @pytest.fixture

@@ -48,6 +48,11 @@ PACK_WIDTH = 256
 # alone (Engine._alone). The batch's summation order moves float32 logits by about 1e-6 of their size (measured
 # on the embedded model: BENCHMARKS.md); this leaves a margin of hundreds above it.
 TIE_TOLERANCE = 1e-3
+# The same for a model computing in 16 bits, where every layer rounds its activations to 8 (bfloat16) or 11
+# (float16) bits of mantissa, and the few low bits a batch moves become whole steps of that rounding: measured on
+# the embedded model in bfloat16, a batch moved a logit by up to 3.4e-2 of the largest (BENCHMARKS.md). bfloat16's
+# tolerance is three times that; float16's, with eight times finer steps, an eighth of it.
+TIE_TOLERANCES = {torch.bfloat16: 0.1, torch.float16: 0.0125}
 
 
 class QueueFull(LorakitError):
@@ -352,6 +357,7 @@ class Engine:
         self.threads = threads or Threads()  # torch's thread count for the decode steps (none: left as it is)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = next(model.parameters()).device
+        self.tie_tolerance = TIE_TOLERANCES.get(model.get_input_embeddings().weight.dtype, TIE_TOLERANCE)
         attention = getattr(model.config, "_attn_implementation", None) or "eager"
         if attention not in ("sdpa", "eager"):
             raise ConfigError(f"the server packs prompts with a 4D attention mask, which attention implementation "
@@ -585,7 +591,7 @@ class Engine:
         """Each row's next token: a sample (temperature, top-p) from the row's own generator, or the argmax; an
         argmax that the batch's summation order could flip (``_near_ties``) is taken from ``_alone``."""
         tokens = logits.argmax(-1).tolist()
-        ties = _near_ties(logits)
+        ties = _near_ties(logits, self.tie_tolerance)
         for i, g in enumerate(rows):
             if g.sampling.temperature > 0:
                 tokens[i] = _sample(logits[i].float(), g.sampling, g.generator)
@@ -706,15 +712,16 @@ def _prefill_groups(generations: list[Generation], budget: int) -> list[list[Gen
     return groups
 
 
-def _near_ties(logits: torch.Tensor) -> list[bool]:
-    """Per row, whether its two best logits are closer than ``TIE_TOLERANCE`` (relative to the best).
+def _near_ties(logits: torch.Tensor, tolerance: float = TIE_TOLERANCE) -> list[bool]:
+    """Per row, whether its two best logits are closer than ``tolerance`` (relative to the best; ``TIE_TOLERANCES``
+    for a 16-bit model).
 
     Batched matmuls sum in an order that depends on the batch's shape (MKL's sgemm gives a row other bits at
     other row counts), which moves a logit by about 1e-6 of its size. A greedy choice with a wider margin is the
     same in any batch; a closer one is decided by ``Engine._alone``.
     """
     top = logits.float().topk(2, dim=-1).values
-    return ((top[:, 0] - top[:, 1]) <= TIE_TOLERANCE * top[:, 0].abs().clamp(min=1.0)).tolist()
+    return ((top[:, 0] - top[:, 1]) <= tolerance * top[:, 0].abs().clamp(min=1.0)).tolist()
 
 
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:

@@ -69,6 +69,14 @@ class ThreadsConfig:
 
 
 @dataclass
+class DtypeConfig:
+    dtype: str = option("auto", "the dtype the base model computes and is held in: auto = bfloat16 where the device "
+                        "has bfloat16 units (a CPU reporting avx512_bf16 or amx_bf16; CUDA compute capability 8.0 on), "
+                        "float32 elsewhere; adapters, optimizer state, the loss and logits stay float32",
+                        ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
 class DataConfig:
     task: str = option("date", "built-in task (date, extract) used when --data is not given", ("date", "extract"))
     data: str = option("", "training data: JSONL (prompt/completion, messages or text) or CSV with those columns")
@@ -124,20 +132,20 @@ class ScoringConfig(GenerateConfig):
 
 
 @dataclass
-class FinetuneConfig(ScoringConfig, AdapterConfig, TrainingDataConfig, ThreadsConfig, ModelConfig):
+class FinetuneConfig(ScoringConfig, AdapterConfig, TrainingDataConfig, ThreadsConfig, DtypeConfig, ModelConfig):
     out: str = option("runs/finetune", "run directory: adapter, checkpoints, metrics.jsonl, loss.png, report.md")
     steps: int = option(60, "optimizer steps")
     batch_size: int = option(8, "examples per optimizer step (global, across processes)")
     grad_accum: int = option(1, "micro-batches per optimizer step (batch_size must divide by it)")
     lr: float = option(2e-3, "peak learning rate (AdamW). 2e-3 is ten times PEFT's usual 2e-4 for the default job: "
                        "a 135M-parameter model, rank 16 at alpha 32, and only 60 steps of 8 examples, in which it "
-                       "takes the date task from 3.5% to 100% (README); for larger models or longer runs start "
+                       "takes the date task from 3.5% to 99.5% (README); for larger models or longer runs start "
                        "from 1e-4 to 3e-4", aliases=("--learning-rate",))
     lora_plus_ratio: float = option(0.0, "LoRA+: learning rate of B matrices = lr x ratio (0 = off; paper: 16)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_steps: int = option(6, "linear warm-up steps before the cosine decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
-    bf16: bool = option(False, "bfloat16 autocast for the forward pass")
+    bf16: bool = option(False, "the same as --dtype bfloat16 (kept for older configs)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     val_every: int = option(20, "steps between validation-loss measurements, and at the last step (0 = off)")
     early_stopping: int = option(0, "stop after this many validations in a row without a lower validation loss "
@@ -174,6 +182,10 @@ class FinetuneConfig(ScoringConfig, AdapterConfig, TrainingDataConfig, ThreadsCo
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         self._check_validation()
         parse_threads(self.threads)
+        if self.bf16:
+            if self.dtype not in ("auto", "bfloat16"):
+                raise ConfigError(f"--bf16 is --dtype bfloat16, and --dtype {self.dtype} is given too; keep one")
+            self.dtype = "bfloat16"
         if self.chat_template:  # here, before the model loads, as well as where the data's prompt format is made
             from lorakit.train.data import read_chat_template
 
@@ -210,7 +222,7 @@ class FinetuneConfig(ScoringConfig, AdapterConfig, TrainingDataConfig, ThreadsCo
 
 
 @dataclass
-class EvalConfig(ScoringConfig, DataConfig, ThreadsConfig, ModelConfig):
+class EvalConfig(ScoringConfig, DataConfig, ThreadsConfig, DtypeConfig, ModelConfig):
     data: str = option("", "data file to score: every record of it (JSONL or CSV, as lorakit finetune reads); "
                        "empty = the built-in --task's held-out examples")
     eval_data: str = option("", "the same as --data; given with --data, --eval-data is the file scored")
@@ -218,7 +230,7 @@ class EvalConfig(ScoringConfig, DataConfig, ThreadsConfig, ModelConfig):
 
 
 @dataclass
-class ChatConfig(GenerateConfig, ModelConfig):
+class ChatConfig(GenerateConfig, DtypeConfig, ModelConfig):
     adapter: str = option("", "adapter directory to apply (empty = the base model)")
     prompt: str = option("", "one message to answer; empty = an interactive chat on stdin")
     prompt_format: str = option("auto", "how messages are put to the model: auto = as the adapter was trained (its "
@@ -229,13 +241,16 @@ class ChatConfig(GenerateConfig, ModelConfig):
 @dataclass
 class MergeConfig(ModelConfig):
     adapter: str = option("", "adapter directory to merge into the model (required)")
+    dtype: str = option("auto", "the merged model's dtype (the merge itself is computed in float32): auto = the "
+                        "dtype the base model directory is stored in (its config.json), float32 where it names none",
+                        ("auto", "float32", "bfloat16", "float16"))
     out: str = option("runs/merged", "where the merged Hugging Face model directory is written")
     untie: bool = option(False, "give the modules that share an adapted weight (a tied output head) their own copy "
                          "first, so the merge changes the adapted module only (merging a shared weight is refused)")
 
 
 @dataclass
-class ServeConfig(ThreadsConfig, ModelConfig):
+class ServeConfig(ThreadsConfig, DtypeConfig, ModelConfig):
     served_model_name: str = option("", "the base model's name in the API (a request's `model` field); default: "
                                     "its directory's name (smollm2-135m-instruct for the embedded model)")
     adapter: tuple = option((), "NAME=DIR: serve the adapter in DIR as model NAME (repeat for more); default: "

