@@ -71,6 +71,10 @@ def forward(layer, x: torch.Tensor, out: torch.Tensor, route: list, active: list
         return _by_adapter(layer, x_rows, out_rows, index, stacks).view(out.shape)
     if stacks is None:
         return _one_adapter_at_a_time(layer, x, out, names, index)
+    if len(names) == 1 and not layer.training:
+        # One adapter (eval, generate, a server asked for one): its rows in one matmul, where gathering its
+        # factors per row copied them batch-size times per layer and step
+        return _by_adapter(layer, x, out, index, stacks)
     A, B, p = stacks
     A_rows, B_rows = A[index], B[index]  # (b, R, d_in), (b, d_out, R)
     b = x.shape[0]
@@ -95,8 +99,8 @@ def _positions_match(layer, x: torch.Tensor, names: int) -> bool:
 
 
 def _by_adapter(layer, x, out, index, stacks) -> torch.Tensor:
-    """``out`` plus row i's update by slot ``index[i]``, one adapter at a time on its rows (x: (rows, 1, d_in), or
-    (rows, 1) token ids)."""
+    """``out`` plus row i's update by slot ``index[i]``, one adapter at a time on its rows (x: (rows, T, d_in), or
+    (rows, T) token ids)."""
     A, B, p = stacks
     order = torch.argsort(index, stable=True)
     counts = torch.bincount(index, minlength=A.shape[0]).tolist()
@@ -108,13 +112,14 @@ def _by_adapter(layer, x, out, index, stacks) -> torch.Tensor:
         rows = order[start:start + count]
         start += count
         if layer.kind.layout == "embedding":
-            h = F.embedding(x.index_select(0, rows).view(-1), A[slot].t())  # (n, R)
+            h = F.embedding(x.index_select(0, rows).reshape(-1), A[slot].t())  # (n·T, R)
         else:
-            h = x.index_select(0, rows).view(count, -1).to(A.dtype)  # (n, d_in)
+            h = x.index_select(0, rows).reshape(-1, x.shape[-1]).to(A.dtype)  # (n·T, d_in)
             if layer.training and p[slot] > 0:
                 h = F.dropout(h, float(p[slot]))
             h = h @ A[slot].t()
-        delta.index_copy_(0, rows, h @ B[slot].t())  # in place: a copy per adapter would rewrite all of delta
+        # in place: a copy per adapter would rewrite all of delta
+        delta.index_copy_(0, rows, (h @ B[slot].t()).reshape(count, -1))
     return add_update(out, delta.view(out.shape))
 
 
