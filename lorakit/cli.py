@@ -172,7 +172,7 @@ def _compute_dtype(config, device):
     from lorakit.train import models
 
     dtype, why = models.resolve_dtype(config.dtype, device)
-    _say(f"lorakit: computing in {str(dtype).removeprefix('torch.')} ({why})")
+    _say(f"lorakit: computing in {models.dtype_name(dtype)} ({why})")
     return dtype
 
 
@@ -282,7 +282,7 @@ def cmd_merge(config: cfg.MergeConfig) -> int:
     model.to(dtype).save_pretrained(config.out)
     tokenizer.save_pretrained(config.out)
     print(f"merged model written to {config.out} (a plain Hugging Face model directory, "
-          f"{str(dtype).removeprefix('torch.')})")
+          f"{models.dtype_name(dtype)})")
     return 0
 
 

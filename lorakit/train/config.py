@@ -20,6 +20,7 @@ from lorakit import registry
 from lorakit.errors import ConfigError
 from lorakit.methods.base import Method, setting_names
 from lorakit.serve.threads import parse as parse_threads
+from lorakit.train.models import DTYPES
 
 
 def option(default, help: str, choices: tuple | None = None, *, item: type | None = None,
@@ -73,7 +74,7 @@ class DtypeConfig:
     dtype: str = option("auto", "the dtype the base model computes and is held in: auto = bfloat16 where the device "
                         "has bfloat16 units (a CPU reporting avx512_bf16 or amx_bf16; CUDA compute capability 8.0 on), "
                         "float32 elsewhere; adapters, optimizer state, the loss and logits stay float32",
-                        ("auto", "float32", "bfloat16", "float16"))
+                        DTYPES)
 
 
 @dataclass
@@ -243,7 +244,7 @@ class MergeConfig(ModelConfig):
     adapter: str = option("", "adapter directory to merge into the model (required)")
     dtype: str = option("auto", "the merged model's dtype (the merge itself is computed in float32): auto = the "
                         "dtype the base model directory is stored in (its config.json), float32 where it names none",
-                        ("auto", "float32", "bfloat16", "float16"))
+                        DTYPES)
     out: str = option("runs/merged", "where the merged Hugging Face model directory is written")
     untie: bool = option(False, "give the modules that share an adapted weight (a tied output head) their own copy "
                          "first, so the merge changes the adapted module only (merging a shared weight is refused)")

@@ -219,6 +219,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``dtype`` as ``--dtype`` names it: bfloat16 for torch.bfloat16."""
+    return str(dtype).removeprefix("torch.")
+
+
 def cpu_flags() -> set[str]:
     """The feature flags this CPU reports (the first ``flags`` line of /proc/cpuinfo; empty where there is none)."""
     try:

@@ -780,7 +780,7 @@ def setup(config: FinetuneConfig, log) -> Job:
     split = split_records(config)
     form = asked_format(config, split)
     dtype, why = models.resolve_dtype(config.dtype, device)
-    say(f"dtype: {str(dtype).removeprefix('torch.')} ({why})")
+    say(f"dtype: {models.dtype_name(dtype)} ({why})")
     model, tokenizer = models.load(config.model, dtype=dtype, log=say, device=device)
     data = datasets(config, tokenizer, split, form)
     if not data.train.examples:
@@ -1113,9 +1113,9 @@ def finish(job: Job, state: TrainState, weights: tuple[dict, dict], record) -> d
     eval_seconds = time.time() - t1
     atomic_write(job.run / "predictions.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
     record(accuracy_before=job.before, accuracy_after=after, scored_step=scored)
-    return {**summary, "dtype": str(job.dtype).removeprefix("torch."), "accuracy_before": job.before, "accuracy_after": after, "eval_examples": len(evaluation),
-            "groups": per_group(rows) if job.data.groups else None, "groups_before": job.before_groups,
-            "scored_step": scored,
+    return {**summary, "dtype": models.dtype_name(job.dtype), "accuracy_before": job.before, "accuracy_after": after,
+            "eval_examples": len(evaluation), "groups": per_group(rows) if job.data.groups else None,
+            "groups_before": job.before_groups, "scored_step": scored,
             "best_val_loss": None if math.isinf(state.best_loss) else state.best_loss, "stopped_early": state.stopped,
             "trainable": job.trainable, "total": job.total, "seconds": time.time() - job.started,
             "train_seconds": state.train_seconds, "eval_seconds": eval_seconds,
